@@ -1,0 +1,141 @@
+"""The thin MPI layer: everything ngsgd_mpi does across ranks goes through here.
+
+* :func:`init` returns a :class:`Dist` for COMM_WORLD (works without
+  ``mpiexec`` too: MPI singleton start gives one rank).
+* :meth:`Dist.average_` averages a flat parameter buffer in place with one
+  ``Allreduce(SUM)`` and a division.  GPU buffers go to MPI directly only when
+  the MPI library is CUDA-aware; otherwise they are staged through a
+  persistent host buffer.  The CUDA stream is synchronised first because MPI
+  reads device memory outside the stream.
+* :func:`abort_on_exception` makes an uncaught exception on any rank print the
+  rank and traceback and call ``MPI_Abort``, so the other ranks do not hang in
+  a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import backend
+
+
+def _mpi():
+    from mpi4py import MPI  # noqa: PLC0415 - imported lazily so math code never pulls in MPI
+    return MPI
+
+
+def mpi_is_cuda_aware() -> bool:
+    """Whether device pointers may be handed to MPI.
+
+    ``NGSGD_CUDA_AWARE_MPI=0|1`` overrides; otherwise ask the library
+    (MPIX_Query_cuda_support via mpi4py, where available).  Unknown means no:
+    staging through the host is always correct, only slower."""
+    forced = os.environ.get("NGSGD_CUDA_AWARE_MPI")
+    if forced is not None:
+        return forced.strip() not in ("0", "", "false", "no")
+    query = getattr(_mpi(), "Query_cuda_support", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:  # noqa: BLE001 - a library without the extension
+        return False
+
+
+class Dist:
+    """Rank, size and the few collectives the trainer needs."""
+
+    def __init__(self, comm=None, cuda_aware: bool | None = None):
+        MPI = _mpi()
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.cuda_aware = mpi_is_cuda_aware() if cuda_aware is None else cuda_aware
+        self._host_staging: np.ndarray | None = None
+
+    def local_size(self) -> int:
+        """Number of ranks on this node (for sharing its cores)."""
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
+
+    def average_(self, buf) -> None:
+        """buf <- mean over ranks of buf, in place, with one Allreduce."""
+        if self.size == 1:
+            return
+        if backend.is_device_array(buf):
+            backend.synchronize()
+            if not self.cuda_aware:
+                host = self._staging_for(buf)
+                host[...] = backend.to_host(buf)
+                self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
+                host *= np.float32(1.0 / self.size)
+                buf[...] = backend.to_device(host)
+                return
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        buf *= buf.dtype.type(1.0 / self.size)
+
+    def _staging_for(self, buf) -> np.ndarray:
+        if (self._host_staging is None or self._host_staging.shape != buf.shape
+                or self._host_staging.dtype != buf.dtype):
+            self._host_staging = np.empty(buf.shape, dtype=buf.dtype)
+        return self._host_staging
+
+    def sum(self, values) -> np.ndarray:
+        """Element-wise float64 sum over ranks of a small host vector (all ranks get it)."""
+        arr = np.ascontiguousarray(values, dtype=np.float64)
+        if self.size > 1:
+            self.comm.Allreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)
+        return arr
+
+    def gather(self, values) -> np.ndarray:
+        """Rows of a small float64 vector from every rank, (size, len) on all ranks."""
+        arr = np.ascontiguousarray(values, dtype=np.float64).ravel()
+        out = np.empty((self.size, arr.size), np.float64)
+        if self.size > 1:
+            self.comm.Allgather(arr, out)
+        else:
+            out[0] = arr
+        return out
+
+    def broadcast_object(self, obj, root: int = 0):
+        """Small JSON-like objects only (mpi4py pickles them between our own ranks)."""
+        return self.comm.bcast(obj, root=root) if self.size > 1 else obj
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def init() -> Dist:
+    return Dist()
+
+
+@contextmanager
+def abort_on_exception(dist: Dist):
+    """Turn an exception on any rank into a prompt whole-job abort.
+
+    With one rank the exception propagates normally (a clean traceback and
+    exit code 1 from Python); with several, the others would wait forever in
+    the next collective, so this rank prints the error and aborts them all.
+    """
+    try:
+        yield
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        if dist.size == 1:
+            raise
+        msg = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.stderr.write(f"[rank {dist.rank}/{dist.size}] fatal error, aborting the job:\n{msg}")
+        dist.abort(1)
