@@ -1,0 +1,287 @@
+"""The feed-forward acoustic model: p-norm (or ReLU) layers and a softmax output.
+
+Architecture (spec §7)::
+
+    [FixedAffine]  ->  (Affine -> Pnorm -> Normalize) x H  ->  Affine  ->  SoftmaxCrossEntropy
+                   or  (Affine -> Relu  -> Normalize) x H
+
+* The optional FixedAffine input transform (mean/variance normalisation or
+  an LDA-like matrix) is not trained and not part of ``params``.
+* Every trainable weight lives in ONE contiguous 1-D array ``params``
+  (layout: ``A_0, b_0, A_1, b_1, ...``, each ``A_l`` row-major
+  D_out x D_in); each Affine layer's ``linear`` and ``bias`` are views into
+  it.  Parameter averaging is then one Allreduce on one buffer, and
+  checkpoints store one vector.  ``params`` is never rebound: write into it
+  (``network.params[...] = x``) or use :meth:`Network.set_params`.
+
+Initialisation (Kaldi recipes): hidden affine layers ``A ~ N(0, s^2)`` with
+``s = 1/sqrt(pnorm_input_dim)`` for p-norm (``train_pnorm_*.sh``:
+``param-stddev = 1/sqrt(pnorm_input_dim)``) and ``s = 1/sqrt(fan_in)`` for
+ReLU; biases ``~ N(0, 0.5^2)`` (``bias-stddev = 0.5``); the final affine
+layer starts at zero, so the initial model predicts the uniform distribution.
+Draws come from ``numpy.random.default_rng(seed)`` on the host, layer by
+layer (A then b), and are copied to the device once.
+
+Training pass: ``forward(X, train=True)`` caches what ``backward`` needs;
+``backward(labels)`` leaves each affine layer's input X and output
+derivative G (``layer.input``, ``layer.out_deriv``) for the updater
+(optim.py), computed with the pre-update parameters.  The objective is the
+summed frame log-likelihood ``sum_n log p_n(label_n)`` (maximised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ngsgd_mpi import backend
+from ngsgd_mpi.layers import Affine, FixedAffine, Normalize, Pnorm, Relu, SoftmaxCrossEntropy
+
+HIDDEN_BIAS_STDDEV = 0.5     # Kaldi recipes' bias-stddev for hidden affine layers
+
+
+@dataclass
+class NetworkConfig:
+    input_dim: int                  # dimension of the (already spliced) input frames
+    num_classes: int
+    num_hidden_layers: int = 3
+    nonlinearity: str = "pnorm"     # "pnorm" | "relu"
+    pnorm_input_dim: int = 3000     # affine output size of each p-norm hidden layer
+    pnorm_output_dim: int = 300     # p-norm output size (group size = input / output)
+    pnorm_p: float = 2.0            # 1, 2, inf (any p >= 1 works)
+    relu_dim: int = 1024            # hidden size for nonlinearity "relu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ValueError(f"NetworkConfig: unknown key {key!r} (known: {sorted(names)})")
+        for field in dataclasses.fields(cls):
+            if field.default is dataclasses.MISSING and field.name not in d:
+                raise ValueError(f"NetworkConfig: missing required key {field.name!r}")
+        config = cls(**d)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def need(cond, name, what):
+            if not cond:
+                raise ValueError(f"NetworkConfig.{name}: must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("input_dim", "num_classes", "num_hidden_layers", "pnorm_input_dim",
+                     "pnorm_output_dim", "relu_dim"):
+            need(isinstance(getattr(self, name), (int, np.integer))
+                 and not isinstance(getattr(self, name), bool), name, "an integer")
+        for name in ("input_dim", "num_classes", "pnorm_input_dim", "pnorm_output_dim", "relu_dim"):
+            need(getattr(self, name) >= 1, name, ">= 1")
+        need(self.num_classes >= 2, "num_classes", ">= 2")
+        need(self.num_hidden_layers >= 0, "num_hidden_layers", ">= 0")
+        need(self.nonlinearity in ("pnorm", "relu"), "nonlinearity", "'pnorm' or 'relu'")
+        need(self.pnorm_input_dim % self.pnorm_output_dim == 0, "pnorm_input_dim",
+             f"a multiple of pnorm_output_dim={self.pnorm_output_dim}")
+        need(isinstance(self.pnorm_p, (int, float)) and self.pnorm_p >= 1, "pnorm_p",
+             ">= 1 (1, 2 or inf)")
+
+    @property
+    def hidden_output_dim(self) -> int:
+        """Dimension of each hidden block's output (input of the next affine layer)."""
+        return self.pnorm_output_dim if self.nonlinearity == "pnorm" else self.relu_dim
+
+    def affine_shapes(self) -> list[tuple[int, int]]:
+        """(D_out, D_in) of every affine layer, in order."""
+        shapes, fan_in = [], self.input_dim
+        affine_out = self.pnorm_input_dim if self.nonlinearity == "pnorm" else self.relu_dim
+        for _ in range(self.num_hidden_layers):
+            shapes.append((affine_out, fan_in))
+            fan_in = self.hidden_output_dim
+        shapes.append((self.num_classes, fan_in))
+        return shapes
+
+    def num_params(self) -> int:
+        return sum(o * i + o for o, i in self.affine_shapes())
+
+
+class Network:
+    """The model; see the module docstring.
+
+    Attributes:
+        config: the NetworkConfig.
+        dtype: of params and activations; float32 for training, float64 in
+            gradient-check tests.
+        params: the flat parameter buffer (read-only attribute; write into it).
+        affine_layers: the trainable layers, in order (the updater's view).
+        layers: every component after the input transform, in order, ending
+            with the SoftmaxCrossEntropy output.
+        input_transform: FixedAffine applied to X first, or None.
+    """
+
+    def __init__(self, config: NetworkConfig, seed: int = 0, params=None, dtype=np.float32):
+        config.validate()
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        xp = backend.xp()
+        if params is None:
+            self._params = xp.asarray(self._initial_params(seed))
+        else:
+            self._params = self._adopt(params)
+        def view(offset, shape):
+            return self._params[offset:offset + math.prod(shape)].reshape(shape)
+
+        slices = self.layer_param_slices()          # linear, bias, linear, bias, ...
+        self.affine_layers: list[Affine] = [
+            Affine(view(a_offset, a_shape), view(b_offset, b_shape))
+            for (_, a_offset, a_shape), (_, b_offset, b_shape) in zip(slices[0::2], slices[1::2])]
+        self.layers = []
+        for affine in self.affine_layers[:-1]:
+            self.layers.append(affine)
+            if config.nonlinearity == "pnorm":
+                self.layers.append(Pnorm(config.pnorm_input_dim, config.pnorm_output_dim,
+                                         config.pnorm_p))
+            else:
+                self.layers.append(Relu(config.relu_dim))
+            self.layers.append(Normalize(config.hidden_output_dim))
+        self.layers += [self.affine_layers[-1], SoftmaxCrossEntropy(config.num_classes)]
+        self.input_transform: FixedAffine | None = None
+
+    # ------------------------------------------------------------------ parameters
+
+    def _initial_params(self, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        cfg = self.config
+        flat = np.zeros(cfg.num_params(), dtype=self.dtype)
+        offset = 0
+        shapes = cfg.affine_shapes()
+        for index, (out_dim, in_dim) in enumerate(shapes):
+            size = out_dim * in_dim
+            if index < len(shapes) - 1:        # hidden layer; the final one stays zero
+                stddev = 1.0 / math.sqrt(cfg.pnorm_input_dim if cfg.nonlinearity == "pnorm"
+                                         else in_dim)
+                flat[offset:offset + size] = stddev * rng.standard_normal(size)
+                flat[offset + size:offset + size + out_dim] = (
+                    HIDDEN_BIAS_STDDEV * rng.standard_normal(out_dim))
+            offset += size + out_dim
+        return flat
+
+    def _adopt(self, params):
+        xp = backend.xp()
+        params = xp.asarray(params)
+        expected = self.config.num_params()
+        if params.shape != (expected,) or params.dtype != self.dtype:
+            raise ValueError(f"params: expected a 1-D {self.dtype} array of {expected} elements, "
+                             f"got {params.dtype} array of shape {tuple(params.shape)}")
+        if not params.flags.c_contiguous:
+            raise ValueError("params: the array must be contiguous (layers are views into it)")
+        return params
+
+    @property
+    def params(self):
+        """The flat parameter buffer (every affine A and b is a view into it)."""
+        return self._params
+
+    def set_params(self, values) -> None:
+        """Copy ``values`` (host or device, same size) into the buffer."""
+        if tuple(values.shape) != self._params.shape:
+            raise ValueError(f"set_params: expected shape {self._params.shape}, "
+                             f"got {tuple(values.shape)}")
+        self._params[...] = backend.array_module(self._params).asarray(values)
+
+    def layer_param_slices(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        """``(name, offset, shape)`` of every parameter block of ``params``."""
+        slices, offset = [], 0
+        for index, (out_dim, in_dim) in enumerate(self.config.affine_shapes()):
+            slices.append((f"affine{index}/linear", offset, (out_dim, in_dim)))
+            offset += out_dim * in_dim
+            slices.append((f"affine{index}/bias", offset, (out_dim,)))
+            offset += out_dim
+        return slices
+
+    # ------------------------------------------------------------------ input transform
+
+    def set_input_transform(self, matrix, bias) -> None:
+        """Install ``y = M x + m0`` before the first affine layer (M is
+        input_dim x input_dim; an LDA-like transform keeps the dimension)."""
+        xp = backend.xp()
+        matrix = xp.asarray(matrix, dtype=self.dtype)
+        bias = xp.asarray(bias, dtype=self.dtype)
+        dim = self.config.input_dim
+        if matrix.shape != (dim, dim) or bias.shape != (dim,):
+            raise ValueError(f"input transform: expected a {dim} x {dim} matrix and a ({dim},) "
+                             f"bias, got {tuple(matrix.shape)} and {tuple(bias.shape)}")
+        self.input_transform = FixedAffine(matrix, bias)
+
+    def set_input_normalization(self, mean, std) -> None:
+        """Install per-dimension ``(x - mean) / std`` as the input transform."""
+        xp = backend.xp()
+        mean = xp.asarray(mean, dtype=self.dtype)
+        std = xp.asarray(std, dtype=self.dtype)
+        if mean.shape != (self.config.input_dim,) or std.shape != mean.shape:
+            raise ValueError(f"input normalization: mean and std must have shape "
+                             f"({self.config.input_dim},), got {tuple(mean.shape)} and "
+                             f"{tuple(std.shape)}")
+        self.input_transform = FixedAffine.from_mean_std(mean, std)
+
+    # ------------------------------------------------------------------ passes
+
+    def _check_input(self, X) -> None:
+        if X.ndim != 2 or X.shape[1] != self.config.input_dim or X.dtype != self.dtype:
+            raise ValueError(f"X: expected an N x {self.config.input_dim} {self.dtype} matrix, "
+                             f"got {X.dtype} array of shape {tuple(X.shape)}")
+
+    def forward(self, X, train: bool = True):
+        """Log posteriors (N x C).  With ``train`` the layers cache for backward."""
+        self._check_input(X)
+        h = X if self.input_transform is None else self.input_transform.forward(X)
+        for layer in self.layers:
+            h = layer.forward(h, train)
+        return h
+
+    def backward(self, labels) -> None:
+        """After ``forward(X, train=True)``: leave (X, G) in every affine layer."""
+        deriv = self.layers[-1].backward(labels)
+        first = self.layers[0]
+        for layer in reversed(self.layers[1:-1]):
+            deriv = layer.backward(deriv)
+        first.backward(deriv, need_input_deriv=False)
+
+    def _stats(self, log_probs, labels) -> tuple[float, int]:
+        """(sum_n log p_n(label_n), #frames whose argmax is the label), with one
+        host transfer that also carries the count of out-of-range labels."""
+        xp = backend.array_module(log_probs)
+        num_classes = self.config.num_classes
+        num_bad = ((labels < 0) | (labels >= num_classes)).sum(dtype=np.float64)
+        labels = xp.clip(labels, 0, num_classes - 1)      # indexable; rejected below if bad
+        sum_logprob = log_probs[xp.arange(log_probs.shape[0]), labels].sum(dtype=np.float64)
+        num_correct = (log_probs.argmax(axis=1) == labels).sum(dtype=np.float64)
+        stats = backend.to_host(xp.stack([sum_logprob, num_correct, num_bad]))
+        if stats[2] > 0:
+            raise ValueError(f"labels: {int(stats[2])} value(s) outside [0, {num_classes})")
+        return float(stats[0]), int(stats[1])
+
+    def _check_labels(self, labels, num_rows: int) -> None:
+        if labels.shape != (num_rows,) or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels: expected an integer vector of length {num_rows}, "
+                             f"got {labels.dtype} array of shape {tuple(labels.shape)}")
+
+    def train_gradients(self, X, labels) -> tuple[float, int]:
+        """Forward + backward on one minibatch; returns (sum_logprob, num_correct).
+        ``labels``: integer class ids in [0, num_classes), on the same device as X."""
+        self._check_labels(labels, X.shape[0])
+        log_probs = self.forward(X, train=True)
+        stats = self._stats(log_probs, labels)
+        self.backward(labels)
+        return stats
+
+    def evaluate(self, X, labels) -> tuple[float, int]:
+        """(sum_logprob, num_correct) without touching the training caches."""
+        self._check_labels(labels, X.shape[0])
+        return self._stats(self.forward(X, train=False), labels)
+
+    def log_probs(self, X):
+        return self.forward(X, train=False)

@@ -1,0 +1,278 @@
+"""Updaters: Kaldi affine-update goldens, SGD exactness, state round trip, training."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ngsgd_mpi import checkpoint
+from ngsgd_mpi.network import Network, NetworkConfig
+from ngsgd_mpi.optim import OptimizerConfig, make_updater
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared/reference/golden"
+ONLINE_CASE = GOLDEN / "affine_online_i60_o100_n128_p4.npz"
+SIMPLE_CASE = GOLDEN / "affine_simple_i60_o30_n64_maxchange.npz"
+
+
+def load_case(path):
+    with np.load(path) as z:
+        cfg = json.loads(str(z["config_json"]))
+        arrays = {k: z[k] for k in z.files if k != "config_json"}
+    return cfg, arrays
+
+
+def single_layer(cfg, dtype=np.float32):
+    """A zero-hidden-layer network: its one affine layer plays Kaldi's component."""
+    net = Network(NetworkConfig(input_dim=cfg["in_dim"], num_classes=cfg["out_dim"],
+                                num_hidden_layers=0), dtype=dtype)
+    return net, net.affine_layers[0]
+
+
+def optimizer_config(cfg, **overrides):
+    if cfg["method"] == "affine_online":
+        options = dict(name="ng-online", rank_in=cfg["rank_in"], rank_out=cfg["rank_out"],
+                       update_period=cfg["update_period"],
+                       num_samples_history=cfg["num_samples_history"], alpha=cfg["alpha"],
+                       max_change_per_sample=cfg["max_change_per_sample"])
+    else:
+        options = dict(name="ng-simple", simple_alpha=cfg["alpha"], max_change=cfg["max_change"])
+    return OptimizerConfig(**{**options, **overrides})
+
+
+def replay(cfg, z, dtype=np.float32, **overrides):
+    """Per-step parameter changes of our updater on Kaldi's (X, G) sequence.
+
+    Before each step the parameters are set to Kaldi's (the update does not
+    depend on them), so each change is compared without accumulated roundoff.
+    Returns (our changes, Kaldi's changes), each a list of flat float64 vectors."""
+    net, layer = single_layer(cfg, dtype)
+    updater = make_updater(net, optimizer_config(cfg, **overrides))
+    linear, bias = z["init_linear"], z["init_bias"]
+    ours, kaldi = [], []
+    for i in range(cfg["num_batches"]):
+        layer.linear[...] = linear
+        layer.bias[...] = bias
+        start = np.concatenate([layer.linear.ravel(), layer.bias]).astype(np.float64)
+        layer.input = z[f"in_{i:03d}"].astype(dtype)
+        layer.out_deriv = z[f"deriv_{i:03d}"].astype(dtype)
+        updater.step(cfg["learning_rate"])
+        ours.append(np.concatenate([layer.linear.ravel(), layer.bias]).astype(np.float64) - start)
+        linear, bias = z[f"linear_{i:03d}"], z[f"bias_{i:03d}"]
+        kaldi.append(np.concatenate([linear.ravel(), bias]).astype(np.float64) - start)
+    return ours, kaldi
+
+
+def relative_errors(ours, kaldi):
+    return [np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(ours, kaldi)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_online_matches_kaldi_affine_update(dtype):
+    cfg, z = load_case(ONLINE_CASE)
+    ours, kaldi = replay(cfg, z, dtype)
+    errors = relative_errors(ours, kaldi)
+    assert len(errors) == cfg["num_batches"] == 20
+    assert max(errors) <= 5e-5, errors          # measured 2.4e-5 (float32 and float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_simple_matches_kaldi_affine_update_with_clipping(dtype):
+    cfg, z = load_case(SIMPLE_CASE)
+    ours, kaldi = replay(cfg, z, dtype)
+    # Measured 2.4e-6 (float32 and float64); an independent float64 port of spec §3/§4.2
+    # agrees with ours to 3e-15, and rounding Kaldi's float32 parameters alone costs 1.2e-6.
+    assert max(relative_errors(ours, kaldi)) <= 3e-6
+    # Clipping is active in this case: the scale Kaldi logged equals the ratio of
+    # our clipped change to our unclipped one (max_change = 0 turns the limit off).
+    unclipped, _ = replay(cfg, z, dtype, max_change=0.0)
+    for i, log in enumerate(cfg["log_per_call"]):
+        logged = float(re.search(r"scaling factor ([0-9.e-]+)", log[0]).group(1))
+        ratio = np.linalg.norm(ours[i]) / np.linalg.norm(unclipped[i])
+        assert ratio == pytest.approx(logged, rel=1e-5)
+        if dtype == np.float64:      # float32 parameter storage would blur the small entries
+            np.testing.assert_allclose(ours[i], ratio * unclipped[i], rtol=1e-9,
+                                       atol=1e-12 * np.abs(ours[i]).max())
+
+
+def test_online_max_change_per_sample_clips():
+    # The golden online case never clips (recipe settings); a small limit must.
+    cfg, z = load_case(ONLINE_CASE)
+    limit = 1e-3
+    clipped, _ = replay(cfg, z, np.float64, max_change_per_sample=limit)
+    free, _ = replay(cfg, z, np.float64, max_change_per_sample=0.0)
+    n = z["in_000"].shape[0]
+    for a, b in zip(clipped, free):
+        # The bound sum_n ||change_n|| <= limit * N also bounds the Frobenius norm.
+        assert np.linalg.norm(a) <= limit * n * (1 + 1e-9)
+        ratio = np.linalg.norm(a) / np.linalg.norm(b)
+        assert ratio < 0.5
+        np.testing.assert_allclose(a, ratio * b, rtol=1e-7, atol=1e-12 * np.abs(a).max())
+
+
+def test_sgd_is_exact():
+    cfg = NetworkConfig(input_dim=6, num_classes=4, num_hidden_layers=2, pnorm_input_dim=10,
+                        pnorm_output_dim=5)
+    rng = np.random.default_rng(0)
+    net = Network(cfg, params=rng.standard_normal(cfg.num_params()), dtype=np.float64)
+    updater = make_updater(net, OptimizerConfig(name="sgd"))
+    X, labels = rng.standard_normal((9, 6)), rng.integers(0, 4, size=9)
+    net.train_gradients(X, labels)
+    lr = 0.37
+    expected = []
+    for layer in net.affine_layers:
+        G, Xl = layer.out_deriv.copy(), layer.input.copy()
+        expected += [(layer.linear + lr * G.T @ Xl).ravel(), layer.bias + lr * G.sum(axis=0)]
+    updater.step(lr)
+    np.testing.assert_allclose(net.params, np.concatenate(expected), rtol=1e-14, atol=1e-14)
+
+
+def test_step_consumes_the_gradients():
+    net = Network(NetworkConfig(input_dim=4, num_classes=3, num_hidden_layers=1,
+                                pnorm_input_dim=6, pnorm_output_dim=3), seed=0)
+    updater = make_updater(net, OptimizerConfig(name="ng-online"))
+    with pytest.raises(ValueError, match="no cached gradient"):
+        updater.step(0.1)
+    X = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    net.train_gradients(X, np.array([0, 1, 2, 0, 1]))
+    updater.step(0.1)
+    with pytest.raises(ValueError, match="no cached gradient"):
+        updater.step(0.1)
+
+
+# ---------------------------------------------------------------------- state
+
+def synthetic_task(seed, num_frames=3000, dim=40, num_classes=10):
+    """Gaussian class-conditional frames with correlated, badly scaled features."""
+    rng = np.random.default_rng(seed)
+    means = 0.6 * rng.standard_normal((num_classes, dim))
+    mixing = rng.standard_normal((dim, dim)) / np.sqrt(dim)
+    scales = np.exp(rng.uniform(-2, 2, dim))
+    labels = rng.integers(0, num_classes, num_frames)
+    X = (means[labels] + rng.standard_normal((num_frames, dim))) @ mixing * scales
+    return (X + 2 * rng.standard_normal(dim)).astype(np.float32), labels
+
+
+SMOKE_NET = NetworkConfig(input_dim=40, num_classes=10, num_hidden_layers=2, pnorm_input_dim=200,
+                          pnorm_output_dim=20)
+
+
+def train(net, updater, X, labels, steps, batch, lr0, lr1, seed, first_step=0):
+    rng = np.random.default_rng([seed, first_step])
+    for k in range(first_step, first_step + steps):
+        rows = rng.integers(0, len(labels), batch)
+        net.train_gradients(X[rows], labels[rows])
+        updater.step(lr0 * (lr1 / lr0) ** (k / 200))
+
+
+@pytest.mark.parametrize("name", ["sgd", "ng-online", "ng-simple"])
+def test_state_round_trip_continues_bit_identically(tmp_path, name):
+    X, labels = synthetic_task(0, num_frames=500)
+    net = Network(SMOKE_NET, seed=0)
+    net.set_input_normalization(X.mean(axis=0), X.std(axis=0))
+    config = OptimizerConfig(name=name)
+    updater = make_updater(net, config)
+    train(net, updater, X, labels, 13, 32, 0.02, 0.002, seed=1)   # mid update period
+    saved_params = net.params.copy()
+    checkpoint.save_state(str(tmp_path / "state.h5"), updater.state_dict())
+    train(net, updater, X, labels, 9, 32, 0.02, 0.002, seed=1, first_step=13)
+
+    resumed = Network(SMOKE_NET, params=saved_params.copy())   # adopted, not copied
+    resumed.set_input_normalization(X.mean(axis=0), X.std(axis=0))
+    resumed_updater = make_updater(resumed, config)
+    record, _ = checkpoint.load_state(str(tmp_path / "state.h5"))
+    resumed_updater.load_state_dict(record)
+    train(resumed, resumed_updater, X, labels, 9, 32, 0.02, 0.002, seed=1, first_step=13)
+    np.testing.assert_array_equal(resumed.params, net.params)
+    assert not np.array_equal(saved_params, net.params)
+
+
+def test_online_state_contents_and_reset():
+    X, labels = synthetic_task(0, num_frames=200)
+    net = Network(SMOKE_NET, seed=0)
+    updater = make_updater(net, OptimizerConfig(name="ng-online"))
+    fresh_state = updater.state_dict()
+    train(net, updater, X, labels, 3, 16, 0.01, 0.01, seed=2)
+    state = updater.state_dict()
+    assert state["optimizer"] == "ng-online"
+    assert state["layer0/in/W"].shape == (20, 41)        # rank_in on [X, 1]
+    assert state["layer0/out/W"].shape == (80, 200)
+    assert state["layer2/out/W"].shape == (9, 10)        # rank_out clamped to D_out - 1
+    assert all(isinstance(v, (np.ndarray, int, float, str)) for v in state.values())
+    # Kaldi re-initialises the preconditioners after each average: reset = fresh.
+    updater.reset()
+    reset_state = updater.state_dict()
+    assert reset_state.keys() == fresh_state.keys()
+    for key, value in fresh_state.items():
+        np.testing.assert_array_equal(reset_state[key], value)
+
+
+def test_load_state_dict_rejects_mismatches():
+    net = Network(SMOKE_NET, seed=0)
+    online = make_updater(net, OptimizerConfig(name="ng-online"))
+    sgd = make_updater(net, OptimizerConfig(name="sgd"))
+    with pytest.raises(ValueError, match="written by 'sgd'"):
+        online.load_state_dict(sgd.state_dict())
+    with pytest.raises(ValueError, match="unexpected keys"):
+        sgd.load_state_dict({**sgd.state_dict(), "layer0/in/W": np.zeros(2)})
+    state = online.state_dict()
+    with pytest.raises(ValueError, match="does not match this network"):
+        online.load_state_dict({**state, "layer7/in/W": state["layer0/in/W"]})
+    with pytest.raises(ValueError, match="no entries for layer2/out"):
+        online.load_state_dict({k: v for k, v in state.items() if not k.startswith("layer2/out")})
+    other_rank = make_updater(net, OptimizerConfig(name="ng-online", rank_in=10))
+    with pytest.raises(ValueError, match="rank_requested"):
+        other_rank.load_state_dict(state)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(name="adam"), "name"),
+    (dict(rank_in=0), "rank_in"),
+    (dict(rank_out=2.5), "rank_out"),
+    (dict(update_period=0), "update_period"),
+    (dict(num_samples_history=0.0), "num_samples_history"),
+    (dict(num_samples_history=1e6), "num_samples_history"),
+    (dict(alpha=-1.0), "alpha"),
+    (dict(max_change_per_sample=float("nan")), "max_change_per_sample"),
+    (dict(simple_alpha=-0.1), "simple_alpha"),
+    (dict(simple_alpha=0.0), "simple_alpha"),
+    (dict(max_change=-1.0), "max_change"),
+    (dict(schedule="nnet1"), "schedule"),
+])
+def test_config_validation(change, field):
+    with pytest.raises(ValueError, match=f"OptimizerConfig.{field}"):
+        make_updater(Network(SMOKE_NET), OptimizerConfig(**change))
+
+
+def test_config_dict_round_trip():
+    config = OptimizerConfig(name="ng-simple", max_change=3.0)
+    assert OptimizerConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown key 'lr'"):
+        OptimizerConfig.from_dict({"lr": 0.1})
+
+
+# ---------------------------------------------------------------------- training
+
+def final_objective(name, seed, steps=200, batch=64, lr0=0.03, lr1=0.003):
+    """Average training log-likelihood after ``steps`` minibatches (same data,
+    initialisation, minibatch order and learning-rate schedule for every updater)."""
+    X, labels = synthetic_task(seed)
+    net = Network(SMOKE_NET, seed=seed)
+    net.set_input_normalization(X.mean(axis=0), X.std(axis=0))
+    initial = net.evaluate(X, labels)[0] / len(labels)
+    train(net, make_updater(net, OptimizerConfig(name=name)), X, labels, steps, batch, lr0,
+          lr1, seed)
+    return initial, net.evaluate(X, labels)[0] / len(labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_training_lowers_objective_and_online_ng_beats_sgd(seed):
+    results = {name: final_objective(name, seed) for name in ("sgd", "ng-online", "ng-simple")}
+    # lr 0.03 -> 0.003 is about SGD's best for this task (scan over 0.003..0.3 on seeds
+    # 0-2: SGD ends at -0.8..-1.2 at best; online NG at -0.07..-0.15 with this schedule).
+    # The objective is the log-likelihood (maximised): training must raise it.
+    for name, (initial, final) in results.items():
+        assert initial == pytest.approx(-np.log(10), rel=1e-6)   # zero final layer
+        assert final > initial + 0.5, (name, final)
+    assert results["ng-online"][1] > results["sgd"][1] + 0.3, results
