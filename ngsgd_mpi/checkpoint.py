@@ -5,6 +5,8 @@ Layout of an output directory::
     out_dir/checkpoints/ckpt-000012/model.h5         averaged model after 12 averages (rank 0)
     out_dir/checkpoints/ckpt-000012/state-r0000.h5   rank 0's optimizer state and data cursor
     out_dir/checkpoints/ckpt-000012/COMPLETE         written last, after every rank's file
+    out_dir/checkpoints/ckpt-000012-000031/...       stopped on a signal 31 minibatches into
+                                                     period 13 (state files hold each rank's params)
     out_dir/final.h5                                 final model (same format as model.h5)
 
 A model file holds ``params`` (the flat float32 parameter buffer), the
@@ -23,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -30,7 +33,7 @@ import numpy as np
 MODEL_FORMAT = "ngsgd_mpi.model"
 STATE_FORMAT = "ngsgd_mpi.state"
 FORMAT_VERSION = 1
-_CKPT_RE = re.compile(r"^ckpt-(\d{6})$")
+_CKPT_RE = re.compile(r"^ckpt-(\d{6})(?:-(\d{6}))?$")
 
 
 class CheckpointError(ValueError):
@@ -132,8 +135,15 @@ def load_state(path: str) -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------- directories
 
-def checkpoint_dir(out_dir: str, period: int) -> str:
-    return os.path.join(out_dir, "checkpoints", f"ckpt-{period:06d}")
+class Checkpoint(NamedTuple):
+    period: int       # averages completed
+    batch: int        # minibatches into the next period (0: right after an average)
+    path: str
+
+
+def checkpoint_dir(out_dir: str, period: int, batch: int = 0) -> str:
+    name = f"ckpt-{period:06d}" + (f"-{batch:06d}" if batch else "")
+    return os.path.join(out_dir, "checkpoints", name)
 
 
 def state_path(ckpt: str, rank: int) -> str:
@@ -149,8 +159,8 @@ def mark_complete(ckpt: str, info: dict) -> None:
     os.replace(tmp, os.path.join(ckpt, "COMPLETE"))
 
 
-def complete_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """(period, dir) of every checkpoint with a COMPLETE marker, oldest first."""
+def complete_checkpoints(out_dir: str) -> list[Checkpoint]:
+    """Every checkpoint with a COMPLETE marker, oldest first."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
@@ -158,7 +168,7 @@ def complete_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     for name in os.listdir(root):
         m = _CKPT_RE.match(name)
         if m and os.path.isfile(os.path.join(root, name, "COMPLETE")):
-            found.append((int(m.group(1)), os.path.join(root, name)))
+            found.append(Checkpoint(int(m.group(1)), int(m.group(2) or 0), os.path.join(root, name)))
     return sorted(found)
 
 
@@ -171,6 +181,24 @@ def prune(out_dir: str, keep_last_k: int) -> None:
     """Delete all but the newest ``keep_last_k`` complete checkpoints (0 = keep all)."""
     if keep_last_k <= 0:
         return
-    for _, path in complete_checkpoints(out_dir)[:-keep_last_k]:
-        os.remove(os.path.join(path, "COMPLETE"))   # first un-complete it, then delete
-        shutil.rmtree(path, ignore_errors=True)
+    for ckpt in complete_checkpoints(out_dir)[:-keep_last_k]:
+        os.remove(os.path.join(ckpt.path, "COMPLETE"))   # first un-complete it, then delete
+        shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+def load_network(path: str):
+    """(Network, arrays, attrs) from a model file, with its input normalisation applied."""
+    from .network import Network, NetworkConfig  # noqa: PLC0415
+
+    arrays, attrs = load_model_file(path)
+    try:
+        net_cfg = NetworkConfig.from_dict(attrs["network_config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad network_config ({exc})") from None
+    if arrays["params"].shape != (net_cfg.num_params(),):
+        raise CheckpointError(f"{path}: 'params' has {arrays['params'].size} values, the architecture "
+                              f"needs {net_cfg.num_params()}")
+    network = Network(net_cfg, params=arrays["params"])
+    if "input_mean" in arrays:
+        network.set_input_normalization(arrays["input_mean"], arrays["input_std"])
+    return network, arrays, attrs

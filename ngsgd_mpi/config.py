@@ -56,6 +56,18 @@ OPTIONS: dict[str, tuple] = {
     "ng_reset_on_average": (bool, False, "re-initialise NG state after each average (as Kaldi)"),
     "checkpoint_every": (int, 1, "write a checkpoint every this many averages"),
     "keep_last_k": (int, 0, "keep only the newest k checkpoints (0 = keep all)"),
+    "combine_last_k": (int, 20, "final model: best average of up to this many last averaged "
+                                "models on the validation set (0/1 = the last model)"),
+    # safeguards and faults
+    "first_period_pick_best": (bool, False, "after the first period take the rank with the best "
+                                            "training objective instead of averaging (Kaldi iter 0)"),
+    "outlier_threshold": (float, 1.0, "leave out of an average any rank whose training objective is "
+                                      "this many nats/frame below the best (0 = off)"),
+    "max_divergence_retries": (int, 3, "redo a diverged period at half the lr at most this many "
+                                       "times in a row, then abort"),
+    "signal_check_every": (int, 4, "minibatches between checks for a stop signal (one tiny Allreduce)"),
+    "collective_timeout": (float, 600.0, "seconds to wait for every rank before an average; then "
+                                         "abort naming the missing ranks (0 = wait forever)"),
 }
 
 CHOICES = {"device": ("cpu", "gpu"), "nonlinearity": ("pnorm", "relu"),
@@ -126,11 +138,13 @@ def validate(cfg) -> None:
         need(getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name)), name, "a positive number")
     for name in ("rank_in", "rank_out", "update_period", "minibatch_size", "samples_per_average",
                  "num_hidden_layers", "pnorm_input_dim", "pnorm_output_dim", "relu_dim",
-                 "window_frames", "prefetch_batches", "checkpoint_every"):
+                 "window_frames", "prefetch_batches", "checkpoint_every", "signal_check_every"):
         need(getattr(cfg, name) >= 1, name, ">= 1")
-    for name in ("context", "threads_per_rank", "keep_last_k", "total_samples"):
+    for name in ("context", "threads_per_rank", "keep_last_k", "total_samples", "combine_last_k",
+                 "max_divergence_retries"):
         need(getattr(cfg, name) >= 0, name, ">= 0")
-    for name in ("alpha", "simple_alpha", "max_change_per_sample", "max_change", "num_epochs"):
+    for name in ("alpha", "simple_alpha", "max_change_per_sample", "max_change", "num_epochs",
+                 "outlier_threshold", "collective_timeout"):
         need(getattr(cfg, name) >= 0, name, ">= 0")
     need(0 < cfg.num_samples_history < 1e6, "num_samples_history", "in (0, 1e6)")
     need(cfg.pnorm_p >= 1, "pnorm_p", ">= 1 (or inf)")

@@ -7,6 +7,9 @@
   the MPI library is CUDA-aware; otherwise they are staged through a
   persistent host buffer.  The CUDA stream is synchronised first because MPI
   reads device memory outside the stream.
+* :meth:`Dist.checkin` is the hang watchdog: before an average every rank
+  reports to rank 0 with non-blocking messages; whoever waits longer than
+  the timeout aborts the job naming the ranks that did not arrive.
 * :func:`abort_on_exception` makes an uncaught exception on any rank print the
   rank and traceback and call ``MPI_Abort``, so the other ranks do not hang in
   a collective.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
@@ -64,21 +68,77 @@ class Dist:
         finally:
             node.Free()
 
-    def average_(self, buf) -> None:
-        """buf <- mean over ranks of buf, in place, with one Allreduce."""
-        if self.size == 1:
+    def average_(self, buf, weight: float = 1.0, total_weight: float | None = None) -> None:
+        """buf <- sum over ranks of weight * buf / total_weight, in place, with one Allreduce.
+
+        Default: the plain mean.  A rank left out of an average passes weight 0
+        (``total_weight`` is then the number of ranks kept, known to all)."""
+        if self.size == 1 and weight == 1.0:
             return
+        total_weight = float(self.size if total_weight is None else total_weight)
+
+        def reduce(target):
+            if weight != 1.0:
+                target *= target.dtype.type(weight)
+            self.comm.Allreduce(self.MPI.IN_PLACE, target, op=self.MPI.SUM)
+            target *= target.dtype.type(1.0 / total_weight)
+
+        self._on_host_if_needed(buf, reduce)
+
+    def broadcast_(self, buf, root: int) -> None:
+        """buf <- root's buf, in place (Kaldi's 'pick the best job' instead of averaging)."""
+        if self.size > 1:
+            self._on_host_if_needed(buf, lambda target: self.comm.Bcast(target, root=root))
+
+    def _on_host_if_needed(self, buf, operation) -> None:
+        """Run an in-place MPI ``operation`` on ``buf``, staging device memory
+        through a reused host buffer unless MPI is CUDA-aware."""
         if backend.is_device_array(buf):
-            backend.synchronize()
+            backend.synchronize()              # MPI reads device memory outside the CUDA stream
             if not self.cuda_aware:
                 host = self._staging_for(buf)
                 host[...] = backend.to_host(buf)
-                self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
-                host *= np.float32(1.0 / self.size)
+                operation(host)
                 buf[...] = backend.to_device(host)
                 return
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
-        buf *= buf.dtype.type(1.0 / self.size)
+        operation(buf)
+
+    def max_flag(self, flag: int) -> int:
+        """Bitwise OR of a small integer over ranks (stop / divergence agreement)."""
+        if self.size == 1:
+            return int(flag)
+        value = np.array([flag], np.int64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, value, op=self.MPI.BOR)
+        return int(value[0])
+
+    def checkin(self, timeout: float, what: str) -> None:
+        """Every rank arrives here within ``timeout`` seconds, or the job is aborted
+        with a message naming the ranks that did not (0 = no watchdog)."""
+        if self.size == 1 or timeout <= 0:
+            return
+        MPI, tag = self.MPI, 0x5EED
+        token = np.zeros(1, np.int32)
+        deadline = time.monotonic() + timeout
+        if self.rank == 0:
+            inbox = np.zeros(self.size - 1, np.int32)
+            pending = {r: self.comm.Irecv(inbox[r - 1:r], source=r, tag=tag) for r in range(1, self.size)}
+            while pending:
+                pending = {r: req for r, req in pending.items() if not req.Test()}
+                if pending and time.monotonic() > deadline:
+                    self._hang(f"rank(s) {sorted(pending)} did not arrive at {what} within "
+                               f"{timeout:g} s")
+                time.sleep(0.0005 if pending else 0)
+        else:
+            self.comm.Isend(token, dest=0, tag=tag).Wait()
+        release = self.comm.Ibcast(token, root=0)          # rank 0 lets everyone go
+        while not release.Test():
+            if time.monotonic() > deadline:
+                self._hang(f"rank 0 did not release {what} within {timeout:g} s")
+            time.sleep(0.0005)
+
+    def _hang(self, message: str) -> None:
+        sys.stderr.write(f"[rank {self.rank}/{self.size}] collective timeout: {message}; aborting\n")
+        self.abort(1)
 
     def _staging_for(self, buf) -> np.ndarray:
         if (self._host_staging is None or self._host_staging.shape != buf.shape

@@ -61,12 +61,12 @@ def test_failed_write_leaves_previous_file(tmp_path):
 
 def test_complete_marker_and_pruning(tmp_path):
     out = str(tmp_path)
-    for period in (1, 2, 3):
-        d = checkpoint.checkpoint_dir(out, period)
+    for period, batch in ((1, 0), (2, 0), (2, 7), (3, 0)):
+        d = checkpoint.checkpoint_dir(out, period, batch)
         os.makedirs(d)
         if period != 3:                          # period 3 never completed (crash mid-write)
             checkpoint.mark_complete(d, {"period": period, "num_ranks": 1})
-    assert [p for p, _ in checkpoint.complete_checkpoints(out)] == [1, 2]
-    checkpoint.prune(out, 1)
-    assert [p for p, _ in checkpoint.complete_checkpoints(out)] == [2]
+    assert [(c.period, c.batch) for c in checkpoint.complete_checkpoints(out)] == [(1, 0), (2, 0), (2, 7)]
+    checkpoint.prune(out, 2)
+    assert [(c.period, c.batch) for c in checkpoint.complete_checkpoints(out)] == [(2, 0), (2, 7)]
     assert not os.path.exists(checkpoint.checkpoint_dir(out, 1))

@@ -1,0 +1,28 @@
+"""Console entry points: parse, then dispatch.  No training logic lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+def train_main(argv=None) -> int:
+    from . import config, distributed, trainer  # noqa: PLC0415
+
+    dist = distributed.init()
+    # every rank parses the same arguments; only rank 0 speaks about a bad one
+    quiet = contextlib.nullcontext() if dist.rank == 0 else contextlib.redirect_stderr(open(os.devnull, "w"))
+    try:
+        with quiet:
+            cfg = config.parse(argv)
+    except config.ConfigError as exc:      # every rank sees the same error; one prints it
+        if dist.rank == 0:
+            sys.stderr.write(f"ngsgd-train: error: {exc}\n")
+        return trainer.EXIT_BAD_INPUT
+    with distributed.abort_on_exception(dist):
+        return trainer.main_guarded(cfg, dist)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,53 @@
+"""Small generated speech-like data sets for tests: utterances of label runs
+(phone-like segments) whose frames are class means plus noise."""
+
+import numpy as np
+
+from ngsgd_mpi import data
+
+
+def utterances(seed, num_utts, feat_dim=8, num_classes=6, noise=1.0, min_len=20, max_len=60):
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(1234).standard_normal((num_classes, feat_dim)) * 1.5
+    out = []
+    for u in range(num_utts):
+        n = int(rng.integers(min_len, max_len + 1))
+        labels = np.repeat(rng.integers(0, num_classes, n // 5 + 1), 5)[:n].astype(np.int32)
+        feats = (means[labels] + noise * rng.standard_normal((n, feat_dim))).astype(np.float32)
+        out.append((f"s{seed}u{u:04d}", feats, labels))
+    return out
+
+
+def write_dataset(root, num_partitions=2, utts_per_partition=30, valid_utts=20, feat_dim=8,
+                  num_classes=6, seed=0):
+    """root/train/train.K.h5 and root/valid.h5; returns (train_dir, valid_path)."""
+    train = root / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    for k in range(num_partitions):
+        data.write_partition(train / f"train.{k}.h5", utterances(seed * 100 + k, utts_per_partition,
+                             feat_dim, num_classes), feat_dim, num_classes, partition_index=k,
+                             num_partitions=num_partitions)
+    valid = root / "valid.h5"
+    data.write_partition(valid, utterances(seed * 100 + 99, valid_utts, feat_dim, num_classes),
+                         feat_dim, num_classes, role="valid")
+    return str(train), str(valid)
+
+
+def mpiexec():
+    """The mpiexec beside this Python (the PyPI mpich in the venv), else the one on PATH."""
+    import os
+    import shutil
+    import sys
+
+    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return local if os.path.exists(local) else shutil.which("mpiexec")
+
+
+def run(cmd, timeout=180, **kwargs):
+    """subprocess.run with one BLAS thread per process and a hard timeout (MPI jobs can hang)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NGSGD_THREADS_PER_RANK="1")
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)

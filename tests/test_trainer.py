@@ -1,0 +1,236 @@
+"""The SPMD trainer end to end, under the real mpiexec of the PyPI MPI (each run has a timeout)."""
+
+import json
+import os
+import shutil
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import synthetic
+from ngsgd_mpi import checkpoint, config, trainer
+
+TRAIN = [sys.executable, "-m", "ngsgd_mpi.cli"]
+HERE = os.path.dirname(__file__)
+
+
+def args_for(train_dir, valid, out, **extra):
+    opts = dict(train_data=train_dir, valid_data=valid, out_dir=out, context=2, num_hidden_layers=2,
+                pnorm_input_dim=40, pnorm_output_dim=8, rank_in=4, rank_out=4, minibatch_size=32,
+                samples_per_average=256, total_samples=0, num_epochs=2, lr_initial=0.02,
+                lr_final=0.005, seed=3, combine_last_k=0, threads_per_rank=1)
+    opts.update(extra)
+    return [f"--{k}={v}" for k, v in opts.items()]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return synthetic.write_dataset(tmp_path_factory.mktemp("data"), num_partitions=3)
+
+
+def final_params(out):
+    return checkpoint.load_model_file(os.path.join(out, "final.h5"))[0]["params"]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def mpirun(n, argv, timeout=180):
+    res = synthetic.run([synthetic.mpiexec(), "-n", str(n)] + argv, timeout=timeout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+@pytest.mark.parametrize("n,optimizer", [(2, "ng-online"), (3, "sgd")])
+def test_averages_are_identical_across_ranks_and_equal_the_mean(dataset, tmp_path, n, optimizer):
+    train_dir, valid = dataset
+    out = str(tmp_path / "run")
+    mpirun(n, [sys.executable, os.path.join(HERE, "record_averages.py"), str(tmp_path)]
+           + args_for(train_dir, valid, out, optimizer=optimizer))
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(n)]
+    num_averages = len(metrics(out))
+    assert num_averages >= 2 and all(len(z["after"]) == num_averages for z in ranks)
+    for i in range(num_averages):
+        for z in ranks[1:]:
+            assert np.array_equal(z["after"][i], ranks[0]["after"][i])      # bit-identical
+        mean = np.mean([z["before"][i].astype(np.float64) for z in ranks], axis=0)
+        np.testing.assert_allclose(ranks[0]["after"][i], mean, rtol=1e-6, atol=1e-7)
+        assert not np.array_equal(ranks[0]["before"][i], ranks[1]["before"][i])  # ranks did differ
+    recs = metrics(out)
+    assert all(r["lr_per_rank"] == pytest.approx(n * r["lr"]) for r in recs)
+    assert recs[0]["lr"] == pytest.approx(0.02) and recs[-1]["lr"] == pytest.approx(0.005)
+    np.testing.assert_array_equal(final_params(out), ranks[0]["after"][-1])
+
+
+def test_lr_scaling_can_be_switched_off(dataset, tmp_path):
+    train_dir, valid = dataset
+    out = str(tmp_path / "run")
+    mpirun(2, TRAIN + args_for(train_dir, valid, out, lr_scale_by_ranks="false", num_epochs=0.5))
+    assert all(r["lr_per_rank"] == pytest.approx(r["lr"]) for r in metrics(out))
+
+
+def test_one_rank_under_mpiexec_equals_plain_python_and_runs_are_reproducible(dataset, tmp_path):
+    train_dir, valid = dataset
+    a, b, c = (str(tmp_path / x) for x in "abc")
+    mpirun(1, TRAIN + args_for(train_dir, valid, a))
+    res = synthetic.run(TRAIN + args_for(train_dir, valid, b))
+    assert res.returncode == 0, res.stderr
+    res = synthetic.run(TRAIN + args_for(train_dir, valid, c))
+    assert res.returncode == 0, res.stderr
+    assert np.array_equal(final_params(a), final_params(b))
+    assert np.array_equal(final_params(b), final_params(c))
+
+
+def test_progress_lines_and_metrics(dataset, tmp_path):
+    train_dir, valid = dataset
+    out = str(tmp_path / "run")
+    res = mpirun(2, TRAIN + args_for(train_dir, valid, out))
+    lines = [line for line in res.stdout.splitlines() if line.startswith("period ")]
+    recs = metrics(out)
+    assert len(lines) == len(recs) and "valid" in lines[0] and "ETA" in lines[0]
+    assert "resolved config:" in res.stdout and "lr_initial: 0.02" in res.stdout
+    for key in ("samples", "frames_per_sec", "train_obj", "valid_obj", "valid_acc", "time_compute",
+                "time_data_wait", "time_allreduce", "elapsed", "eta"):
+        assert key in recs[-1]
+    assert recs[-1]["valid_acc"] > 1 / 6 + 0.1              # learned something (6 classes)
+    assert recs[-1]["valid_obj"] > recs[0]["valid_obj"]
+    with h5py.File(os.path.join(out, "final.h5")) as f:
+        assert json.loads(f.attrs["train_config"])["lr_initial"] == 0.02
+        np.testing.assert_allclose(f["class_priors"][()].sum(), 1.0)
+
+
+@pytest.mark.parametrize("optimizer", ["ng-online", "ng-simple"])
+def test_resume_is_bit_identical(dataset, tmp_path, optimizer):
+    train_dir, valid = dataset
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    argv = args_for(train_dir, valid, full, optimizer=optimizer)
+    mpirun(2, TRAIN + argv)
+    done = checkpoint.complete_checkpoints(full)
+    assert len(done) >= 3
+    shutil.copytree(full, part)                 # what a crash after checkpoint 2 leaves behind
+    os.remove(os.path.join(part, "final.h5"))
+    for ckpt in checkpoint.complete_checkpoints(part)[2:]:
+        shutil.rmtree(ckpt.path)
+    res = mpirun(2, TRAIN + args_for(train_dir, valid, part, optimizer=optimizer) + ["--resume"])
+    assert "resumed from checkpoint after period 2" in res.stdout
+    assert np.array_equal(final_params(full), final_params(part))
+    assert [r["period"] for r in metrics(part)] == [r["period"] for r in metrics(full)]
+
+
+def test_resume_without_checkpoint_starts_fresh(dataset, tmp_path):
+    train_dir, valid = dataset
+    out = str(tmp_path / "run")
+    res = synthetic.run(TRAIN + args_for(train_dir, valid, out, num_epochs=0.5) + ["--resume"])
+    assert res.returncode == 0, res.stderr
+    assert os.path.exists(os.path.join(out, "final.h5"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def bad_run(n, argv, tmp_path):
+    res = synthetic.run([synthetic.mpiexec(), "-n", str(n)] + TRAIN + argv, timeout=120)
+    assert res.returncode == trainer.EXIT_BAD_INPUT, res.stdout + res.stderr
+    assert res.stderr.count("error:") == 1, res.stderr          # one message, not one per rank
+    return res.stderr
+
+
+def test_missing_partition_files(dataset, tmp_path):
+    _, valid = dataset
+    out = tmp_path / "out"
+    err = bad_run(2, args_for(str(tmp_path / "nope/*.h5"), valid, str(out)), tmp_path)
+    assert "no partition files match" in err and not out.exists()
+    err = bad_run(1, args_for(dataset[0], str(tmp_path / "missing.h5"), str(out)), tmp_path)
+    assert "missing.h5: partition file does not exist" in err and not out.exists()
+
+
+def test_fewer_partitions_than_ranks(tmp_path):
+    train_dir, valid = synthetic.write_dataset(tmp_path / "d", num_partitions=1)
+    out = tmp_path / "out"
+    err = bad_run(2, args_for(train_dir, valid, str(out)), tmp_path)
+    assert "1 training partition(s) for 2 ranks" in err and not out.exists()
+
+
+def test_inconsistent_feat_dim_between_partitions(tmp_path):
+    train_dir, valid = synthetic.write_dataset(tmp_path / "d", num_partitions=2)
+    other, _ = synthetic.write_dataset(tmp_path / "e", num_partitions=2, feat_dim=5)
+    shutil.copy(os.path.join(other, "train.1.h5"), os.path.join(train_dir, "train.1.h5"))
+    err = bad_run(2, args_for(train_dir, valid, str(tmp_path / "out")), tmp_path)
+    assert "feat_dim/num_classes" in err and "rank 1: 5/6" in err
+    err = bad_run(1, args_for(train_dir, valid, str(tmp_path / "out")), tmp_path)
+    assert "train.1.h5: feat_dim/num_classes 5/6 differ" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_out_of_range_and_nan_features(tmp_path):
+    train_dir, valid = synthetic.write_dataset(tmp_path / "d", num_partitions=2)
+    with h5py.File(os.path.join(train_dir, "train.1.h5"), "r+") as f:
+        f["labels"][10] = 6
+    err = bad_run(2, args_for(train_dir, valid, str(tmp_path / "out")), tmp_path)
+    assert "train.1.h5: label 6 at frame 10" in err
+    with h5py.File(os.path.join(train_dir, "train.1.h5"), "r+") as f:
+        f["labels"][10] = 0
+        f["feats"][3, 2] = np.nan
+    err = bad_run(2, args_for(train_dir, valid, str(tmp_path / "out")), tmp_path)
+    assert "train.1.h5: feats contain NaN/Inf at frame 3" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_file_with_other_num_classes(tmp_path):
+    train_dir, _ = synthetic.write_dataset(tmp_path / "d", num_partitions=1)
+    _, valid7 = synthetic.write_dataset(tmp_path / "e", num_partitions=1, num_classes=7)
+    err = bad_run(1, args_for(train_dir, valid7, str(tmp_path / "out")), tmp_path)
+    assert "valid.h5: num_classes is 7, expected 6" in err
+
+
+def test_resume_with_other_architecture_is_refused(dataset, tmp_path):
+    train_dir, valid = dataset
+    out = str(tmp_path / "out")
+    res = synthetic.run(TRAIN + args_for(train_dir, valid, out, num_epochs=0.5))
+    assert res.returncode == 0, res.stderr
+    err = bad_run(1, args_for(train_dir, valid, out, num_epochs=0.5, pnorm_input_dim=80) + ["--resume"],
+                  tmp_path)
+    assert "architecture" in err and "differs" in err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--lr-initial=-1"], "lr_initial: must be a positive number"),
+    (["--rank-in=0"], "rank_in: must be >= 1"),
+    (["--context=-2"], "context: must be >= 0"),
+])
+def test_invalid_values_exit_2_with_one_message(dataset, tmp_path, extra, match):
+    err = bad_run(2, args_for(*dataset, str(tmp_path / "out")) + extra, tmp_path)
+    assert match in err and not (tmp_path / "out").exists()
+
+
+def test_unknown_config_key(dataset, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optimizer: sgd\nlearnin_rate: 0.1\n")
+    err = bad_run(2, args_for(*dataset, str(tmp_path / "out")) + ["--config", str(cfg)], tmp_path)
+    assert "c.yaml: unknown key 'learnin_rate'" in err
+
+
+def test_crash_on_one_rank_aborts_the_job_promptly(dataset, tmp_path):
+    """A failure after setup (here: the validation file vanishes) must not hang rank 1."""
+    train_dir, valid = dataset
+    gone = tmp_path / "valid.h5"
+    shutil.copy(valid, gone)
+    script = ("import os, sys; from ngsgd_mpi import cli, trainer\n"
+              "orig = trainer.evaluate_file\n"
+              "def boom(*a, **k):\n    raise RuntimeError('injected failure on rank 0')\n"
+              "trainer.evaluate_file = boom\nsys.exit(cli.train_main(sys.argv[1:]))\n")
+    res = synthetic.run([synthetic.mpiexec(), "-n", "2", sys.executable, "-c", script]
+                        + args_for(train_dir, str(gone), str(tmp_path / "out")), timeout=60)
+    assert res.returncode != 0
+    assert "[rank 0/2] fatal error" in res.stderr and "injected failure" in res.stderr
+
+
+def test_config_round_trip_in_checkpoint(dataset, tmp_path):
+    out = str(tmp_path / "out")
+    res = synthetic.run(TRAIN + args_for(*dataset, out, num_epochs=0.5))
+    assert res.returncode == 0, res.stderr
+    _, attrs = checkpoint.load_model_file(checkpoint.complete_checkpoints(out)[-1].path + "/model.h5")
+    assert attrs["train_config"] == config.to_dict(config.parse(args_for(*dataset, out, num_epochs=0.5)))
