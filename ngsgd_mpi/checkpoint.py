@@ -75,7 +75,7 @@ def _read_verified(path: str, fmt: str) -> tuple[dict, dict]:
             arrays = {}
             f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
                          if isinstance(obj, h5py.Dataset) else None)
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, RuntimeError) as exc:    # h5py's errors for torn/corrupt files
         raise CheckpointError(f"{path}: unreadable or truncated HDF5 file ({exc})") from None
     if attrs.get("format") != fmt:
         raise CheckpointError(f"{path}: attribute 'format' must be {fmt!r}, got {attrs.get('format')!r}")

@@ -261,7 +261,7 @@ def train(cfg, dist) -> int:
     # ---- resume
     prog = Progress()
     if cfg.resume:
-        resumed = agree(dist, lambda: resume_from(out_dir, dist, model, updater))
+        resumed = agree(dist, lambda: resume_from(out_dir, dist, model, updater, log))
         if resumed is not None:
             prog, note = resumed
             log.keep_metrics_before(prog.period)
@@ -450,31 +450,45 @@ def write_checkpoint(cfg, dist, model, updater, prog, start_time) -> None:
         checkpoint.prune(cfg.out_dir, cfg.keep_last_k)
 
 
-def resume_from(out_dir, dist, model, updater):
-    """(Progress, note) from the newest complete checkpoint; None when there is none.
+def resume_from(out_dir, dist, model, updater, log):
+    """(Progress, note) from the newest usable checkpoint; None when there is none.
 
-    Same number of ranks: everything is restored (bit-identical continuation).
-    Different number: the newest *averaged* model is loaded, per-rank state
-    starts fresh, and the schedule continues from the samples processed."""
+    A checkpoint that fails to load on any rank (corrupt, truncated) is
+    reported and the next older one is tried.  Same number of ranks:
+    everything is restored (bit-identical continuation).  Different number:
+    only *averaged* checkpoints qualify; the parameters are kept, per-rank
+    state starts fresh and the schedule continues from the samples processed."""
     found = checkpoint.complete_checkpoints(out_dir)
-    if not found:
-        return None
-    ckpt = found[-1]
+    for ckpt in reversed(found):
+        try:
+            result, problem = load_checkpoint(ckpt, dist, model, updater), None
+        except checkpoint.CheckpointError as exc:
+            result, problem = None, str(exc)
+        problems = [p for p in (dist.comm.allgather(problem) if dist.size > 1 else [problem]) if p]
+        if not problems:
+            return result
+        if any("architecture" in p for p in problems):
+            raise checkpoint.CheckpointError(problems[0])
+        updater.reset()
+        log.info(f"checkpoint {ckpt.path} is unusable ({'; '.join(problems)}); trying an older one")
+    if found:
+        raise checkpoint.CheckpointError(f"{out_dir}: no usable checkpoint (all {len(found)} failed to load)")
+    return None
+
+
+def load_checkpoint(ckpt, dist, model, updater):
     info = checkpoint.read_complete_info(ckpt.path)
-    if info["num_ranks"] != dist.size:
-        averaged = [c for c in found if c.batch == 0]
-        if not averaged:
-            raise checkpoint.CheckpointError(
-                f"{ckpt.path}: written by {info['num_ranks']} ranks mid-period; resuming with "
-                f"{dist.size} ranks needs an averaged checkpoint")
-        ckpt = averaged[-1]
+    same_ranks = info["num_ranks"] == dist.size
+    if not same_ranks and ckpt.batch:
+        raise checkpoint.CheckpointError(
+            f"{ckpt.path}: a mid-period checkpoint of {info['num_ranks']} ranks cannot seed {dist.size}")
     arrays, attrs = checkpoint.load_model_file(os.path.join(ckpt.path, "model.h5"))
     if attrs["network_config"] != model.net_cfg.to_dict():
         raise checkpoint.CheckpointError(
             f"{ckpt.path}/model.h5: architecture {attrs['network_config']} differs from the "
             f"configured one {model.net_cfg.to_dict()}")
     network = model.network
-    if info["num_ranks"] != dist.size:
+    if not same_ranks:
         network.params[...] = backend.to_device(arrays["params"])
         prog = Progress(period=ckpt.period, samples=int(attrs["samples"]), epoch=ckpt.period)
         return prog, (f"resumed from {ckpt.path} written by {info['num_ranks']} ranks with {dist.size} "

@@ -1,5 +1,6 @@
 """Run under mpiexec by test_trainer.py: trains like ngsgd-train but records every
-rank's parameters right before and right after each average in OUT/rank<r>.npz."""
+rank's parameters right before and right after each average in OUT/rank<r>.npz
+(broadcasts, used instead of the first average by first_period_pick_best, too)."""
 
 import sys
 
@@ -16,6 +17,11 @@ class RecordingDist(distributed.Dist):
     def average_(self, buf, **kwargs):
         self.before.append(backend.to_host(buf).copy())
         super().average_(buf, **kwargs)
+        self.after.append(backend.to_host(buf).copy())
+
+    def broadcast_(self, buf, root):
+        self.before.append(backend.to_host(buf).copy())
+        super().broadcast_(buf, root)
         self.after.append(backend.to_host(buf).copy())
 
 

@@ -1,0 +1,64 @@
+"""ngsgd-train with faults injected, for test_faults.py (never used in production).
+
+    python fault_driver.py FAULT [ngsgd-train args...]
+
+FAULT is one of
+    none
+    nan:RANK:PERIOD[:TIMES]   objective becomes NaN on RANK in PERIOD (1-based), the first TIMES tries
+    kill_in_write:PERIOD      SIGKILL this process half-way through writing checkpoint PERIOD's model
+    hang:RANK:PERIOD          RANK sleeps forever before the average closing PERIOD
+    pidfile:DIR               write DIR/rank<r>.pid at start (for tests that signal or kill a rank)
+"""
+
+import os
+import signal
+import sys
+import time
+
+from ngsgd_mpi import checkpoint, cli, distributed, trainer
+
+
+def main():
+    fault, args = sys.argv[1].split(":"), sys.argv[2:]
+    rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    kind = fault[0]
+    if kind == "pidfile":
+        with open(os.path.join(fault[1], f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+    elif kind == "nan":
+        bad_rank, bad_period = int(fault[1]), int(fault[2])
+        times = [int(fault[3]) if len(fault) > 3 else 1]
+        original = trainer.train_step
+
+        def train_step(network, updater, batch, lr, prog):
+            flags = original(network, updater, batch, lr, prog)
+            if rank == bad_rank and prog.period + 1 == bad_period and prog.batch == 2 and times[0] > 0:
+                times[0] -= 1
+                return trainer.DIVERGED
+            return flags
+        trainer.train_step = train_step
+    elif kind == "kill_in_write":
+        period = int(fault[1])
+        original = checkpoint._write_atomic
+
+        def write(path, fmt, arrays, attrs):
+            if path.endswith("model.h5") and f"ckpt-{period:06d}" in path:
+                with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+                    f.write(b"\x89HDF\r\n\x1a\n partial")        # a torn write
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(path, fmt, arrays, attrs)
+        checkpoint._write_atomic = write
+    elif kind == "hang":
+        hang_rank, period = int(fault[1]), int(fault[2])
+        original = distributed.Dist.checkin
+
+        def checkin(self, timeout, what):
+            if self.rank == hang_rank and f"after period {period}" in what:
+                time.sleep(3600)
+            original(self, timeout, what)
+        distributed.Dist.checkin = checkin
+    sys.exit(cli.train_main(args))
+
+
+if __name__ == "__main__":
+    main()
