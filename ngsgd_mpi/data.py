@@ -250,7 +250,7 @@ def partitions_for_rank(paths: list[str], rank: int, size: int) -> list[str]:
     """Rank r takes partitions r, r+N, r+2N, ...; fewer partitions than ranks is an error."""
     if len(paths) < size:
         raise DataError(f"{len(paths)} training partition(s) for {size} ranks: every rank needs "
-                        f"at least one (re-split with ngsgd-prepare --repartition)")
+                        f"at least one (re-split with: ngsgd-prepare repartition)")
     return paths[rank::size]
 
 

@@ -1,0 +1,863 @@
+"""ngsgd-prepare: write the trainer's HDF5 partitions from Kaldi, NumPy or the demo corpus.
+
+Output layout (every subcommand; format in docs/data-format.md)::
+
+    OUT/train/train.0.h5 ... train.{K-1}.h5   training partitions, one or more per rank
+    OUT/valid.h5                               held-out utterances (when asked for; demo: its test split)
+    OUT/stats.json                             global mean/std, class counts, what was skipped
+
+Two passes; memory holds one utterance plus an index of O(#utterances):
+
+1. *scan*: every utterance is read once and checked (:func:`check_utterance`);
+   the usable ones are kept as (id, frames, where to find it again) and the
+   problems are counted in a :class:`SkipReport` (``--strict``: the first one
+   is an error).
+2. *write*: the usable utterances are shuffled with ``--seed`` and dealt, in
+   that order, to the partition with the fewest frames so far; then each
+   partition is written by reading its utterances again by random access
+   (Kaldi scp/ark offsets, memory-mapped .npy members, HDF5 row ranges).
+
+Balance: let partition k end with the most frames and let its last
+utterance have length l.  When k received it, k had the fewest frames, at
+most the final count of every other partition, so
+``max - min <= l <= longest utterance``.
+
+Nothing half-written: everything goes to a hidden temporary directory beside
+OUT, renamed to OUT at the end; any error removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from . import data
+
+FLOAT16_MAX = 65504.0
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+REASONS = {
+    "missing_labels": "features but no alignment",
+    "missing_feats": "alignment but no features",
+    "empty": "no frames",
+    "length_mismatch": "feature and label lengths differ by more than --length-tolerance",
+    "label_out_of_range": "labels outside [0, num_classes)",
+    "nonfinite": "NaN/Inf in the features",
+    "overflow": "feature values beyond the stored type (float16: |x| > 65504; use --dtype float32)",
+}
+
+
+class PrepareError(ValueError):
+    """Bad input to ngsgd-prepare (or ngsgd-forward/-eval); the message names file and utterance."""
+
+
+def kaldiio_module():
+    """kaldiio, imported on first use (it is the optional extra ``kaldi``)."""
+    try:
+        import kaldiio  # noqa: PLC0415
+    except ImportError:
+        raise PrepareError("reading Kaldi files needs kaldiio: pip install 'ngsgd_mpi[kaldi]'") from None
+    return kaldiio
+
+
+# --------------------------------------------------------------------------- checks
+
+@dataclass
+class Checks:
+    """What every utterance must satisfy."""
+    num_classes: int | None = None    # None: only negative labels are bad (C inferred later)
+    length_tolerance: int = 2         # |frames - labels| <= this: trim both to the shorter
+    max_abs: float = FLOAT16_MAX      # largest |feature| the stored dtype can hold
+
+
+class SkipReport:
+    """Counts of skipped (and trimmed) utterances by reason, with a few example ids."""
+
+    def __init__(self, strict: bool = False, num_examples: int = 3):
+        self.strict = strict
+        self.num_examples = num_examples
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+        self.trimmed = 0
+        self.trimmed_examples: list[str] = []
+
+    def skip(self, utt_id: str, reason: str, detail: str) -> None:
+        if self.strict:
+            raise PrepareError(f"utterance {utt_id!r}: {detail} (--strict)")
+        self.counts[reason] += 1
+        ids = self.examples.setdefault(reason, [])
+        if len(ids) < self.num_examples:
+            ids.append(utt_id)
+
+    def trim(self, utt_id: str, detail: str) -> None:
+        if self.strict:
+            raise PrepareError(f"utterance {utt_id!r}: {detail} (--strict)")
+        self.trimmed += 1
+        if len(self.trimmed_examples) < self.num_examples:
+            self.trimmed_examples.append(utt_id)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"skipped": dict(self.counts), "skipped_examples": self.examples,
+                "trimmed": self.trimmed, "trimmed_examples": self.trimmed_examples}
+
+    def lines(self, length_tolerance: int) -> list[str]:
+        out = []
+        if self.num_skipped:
+            parts = [f"{n:,} {REASONS[r]} (e.g. {', '.join(self.examples[r])})"
+                     for r, n in sorted(self.counts.items())]
+            out.append(f"skipped {self.num_skipped:,} utterance(s): " + "; ".join(parts))
+        if self.trimmed:
+            out.append(f"trimmed {self.trimmed:,} utterance(s) to the shorter of features/labels "
+                       f"(difference <= {length_tolerance} frames; e.g. {', '.join(self.trimmed_examples)})")
+        return out
+
+
+def check_utterance(utt_id: str, feats: np.ndarray, labels: np.ndarray, checks: Checks,
+                    report: SkipReport) -> int | None:
+    """Frames to keep of one utterance (the first n of both), or None when it
+    is skipped (counted in ``report``)."""
+    num_feats, num_labels = len(feats), len(labels)
+    if num_feats == 0 or num_labels == 0:
+        report.skip(utt_id, "empty", f"empty utterance ({num_feats} feature frames, {num_labels} labels)")
+        return None
+    if abs(num_feats - num_labels) > checks.length_tolerance:
+        report.skip(utt_id, "length_mismatch", f"{num_feats} feature frames but {num_labels} labels "
+                    f"(more than --length-tolerance {checks.length_tolerance} apart)")
+        return None
+    n = min(num_feats, num_labels)
+    lab = labels[:n]
+    lo, hi = int(lab.min()), int(lab.max())
+    if lo < 0 or (checks.num_classes is not None and hi >= checks.num_classes):
+        bound = checks.num_classes if checks.num_classes is not None else "num_classes"
+        report.skip(utt_id, "label_out_of_range", f"labels in [{lo}, {hi}] are outside [0, {bound})")
+        return None
+    x = feats[:n]
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        report.skip(utt_id, "nonfinite", f"{int((~finite).sum())} frame(s) with NaN/Inf features "
+                    f"(first: frame {int(np.argmin(finite))})")
+        return None
+    if np.abs(x).max() > checks.max_abs:
+        report.skip(utt_id, "overflow", f"feature values up to {float(np.abs(x).max()):.4g} do not "
+                    f"fit the stored type (|x| <= {checks.max_abs:.6g}; float16: use --dtype float32)")
+        return None
+    if num_feats != num_labels:
+        report.trim(utt_id, f"{num_feats} feature frames but {num_labels} labels: trimmed to {n}")
+    return n
+
+
+@dataclass
+class Utt:
+    """A usable utterance found by a scan."""
+    utt_id: str
+    num_frames: int                   # after trimming
+    where: object = None              # the source's locator for reading it again
+
+
+@dataclass
+class Scan:
+    utts: list[Utt]
+    feat_dim: int | None
+    max_label: int                    # over the usable utterances (-1 when none)
+
+
+def _feat_dim_of(utt_id: str, feats: np.ndarray, feat_dim: int | None, where: str) -> int:
+    """The common feature dimension, checked against this (non-empty) utterance."""
+    if feat_dim is not None and feats.shape[1] != feat_dim:
+        raise PrepareError(f"{where}: utterance {utt_id!r} has {feats.shape[1]}-dim features, "
+                           f"earlier utterances {feat_dim}")
+    return int(feats.shape[1])
+
+
+# --------------------------------------------------------------------------- Kaldi tables
+
+def strip_rspecifier(spec: str) -> tuple[str, bool]:
+    """(path, is_scp) from ``scp:x``, ``ark:x`` or a bare path (``.scp`` = script file)."""
+    match = re.match(r"^(scp|ark)(,[a-z]+)*:(.*)$", spec)
+    if match:
+        return match.group(3), match.group(1) == "scp"
+    return spec, spec.endswith(".scp")
+
+
+class KaldiTable:
+    """A Kaldi table of matrices or int32 vectors, read with kaldiio: an .scp
+    (random access from the start) or an .ark (read sequentially once by
+    :meth:`items`, which records every entry's offset for random access)."""
+
+    def __init__(self, spec: str):
+        self.kaldiio = kaldiio_module()
+        self.path, self.is_scp = strip_rspecifier(spec)
+        if not os.path.isfile(self.path):
+            raise PrepareError(f"{self.path}: file does not exist")
+        self.locations: dict[str, str] = {}     # key -> "file:offset" (kaldiio.load_mat form)
+        self._fds: dict = {}                     # open ark files, by name
+        if self.is_scp:
+            with open(self.path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    parts = line.split(None, 1)
+                    if len(parts) != 2:
+                        raise PrepareError(f"{self.path}, line {line_no}: expected '<utt-id> <location>'")
+                    self._add(parts[0], parts[1].strip())
+
+    def _add(self, key: str, location: str) -> None:
+        if key in self.locations:
+            raise PrepareError(f"{self.path}: utterance id {key!r} appears twice")
+        self.locations[key] = location
+
+    def items(self, rank: int = 0, size: int = 1):
+        """(key, array) of entries rank, rank + size, ... in table order."""
+        if self.is_scp:
+            for i, key in enumerate(list(self.locations)):
+                if i % size == rank:
+                    yield key, self.read(key)
+            return
+        matio = self.kaldiio.matio
+        with open(self.path, "rb") as fd:
+            i = 0
+            while True:
+                key = matio.read_token(fd)
+                if key is None:
+                    break
+                offset = fd.tell()
+                try:
+                    array = matio.read_kaldi(fd)
+                except Exception as exc:  # noqa: BLE001 - any failure here is a malformed user file
+                    raise PrepareError(f"{self.path}: cannot read entry {key!r} at byte {offset} "
+                                       f"({type(exc).__name__}: {exc})") from None
+                self._add(key, f"{self.path}:{offset}")
+                if i % size == rank:
+                    yield key, array
+                i += 1
+
+    def __contains__(self, key) -> bool:
+        return key in self.locations
+
+    def read(self, key: str) -> np.ndarray:
+        location = self.locations[key]
+        try:
+            return self.kaldiio.load_mat(location, fd_dict=self._fds)
+        except Exception as exc:  # noqa: BLE001 - any failure here is a malformed user file
+            raise PrepareError(f"{self.path}: cannot read {key!r} from {location} "
+                               f"({type(exc).__name__}: {exc})") from None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            fd.close()
+        self._fds.clear()
+
+
+def _is_binary_ark(path: str) -> bool:
+    """Whether the first entry of ``path`` is Kaldi binary (``key \\0B...``)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    space = head.find(b" ")
+    return space > 0 and head[space + 1:space + 3] == b"\0B"
+
+
+class AlignmentTable:
+    """Frame labels per utterance, by key: a Kaldi int32-vector table (.scp,
+    or a binary .ark as ``ali-to-pdf`` writes), or a text file of lines
+    ``utt-id label label ...`` (what ``ali-to-pdf ... ark,t:-`` writes)."""
+
+    def __init__(self, spec: str):
+        path, is_scp = strip_rspecifier(spec)
+        if not os.path.isfile(path):
+            raise PrepareError(f"{path}: alignment file does not exist")
+        self.path = path
+        self._table = None
+        self._line_offsets: dict[str, int] = {}
+        if is_scp or _is_binary_ark(path):
+            self._table = KaldiTable(spec)
+            for _ in self._table.items():    # indexes an .ark (an .scp is indexed already)
+                pass
+        else:
+            self._text = open(path, "rb")
+            offset = 0
+            for line in self._text:
+                key = line.split(None, 1)[0].decode("utf-8") if line.strip() else None
+                if key is not None:
+                    if key in self._line_offsets:
+                        raise PrepareError(f"{path}: utterance id {key!r} appears twice")
+                    self._line_offsets[key] = offset
+                offset += len(line)
+
+    def keys(self):
+        return list(self._table.locations) if self._table else list(self._line_offsets)
+
+    def __contains__(self, key) -> bool:
+        return key in (self._table.locations if self._table else self._line_offsets)
+
+    def read(self, key: str) -> np.ndarray:
+        if self._table is not None:
+            labels = self._table.read(key)
+        else:
+            self._text.seek(self._line_offsets[key])
+            tokens = self._text.readline().decode("utf-8").split()[1:]
+            try:
+                labels = np.array([int(t) for t in tokens], dtype=np.int64)
+            except ValueError:
+                raise PrepareError(f"{self.path}: the labels of {key!r} must be integers, "
+                                   f"got {' '.join(tokens[:5])} ...") from None
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise PrepareError(f"{self.path}: the alignment of {key!r} must be an integer vector, "
+                               f"got a {labels.dtype} array of shape {labels.shape}")
+        return labels
+
+    def close(self) -> None:
+        if self._table is not None:
+            self._table.close()
+        else:
+            self._text.close()
+
+
+def as_feature_matrix(utt_id: str, feats, where: str) -> np.ndarray:
+    feats = np.asarray(feats)
+    if feats.ndim != 2 or feats.dtype.kind != "f":
+        raise PrepareError(f"{where}: the features of {utt_id!r} must be a float matrix, "
+                           f"got a {feats.dtype} array of shape {feats.shape}")
+    return feats
+
+
+# --------------------------------------------------------------------------- sources
+
+class KaldiSource:
+    """Utterances of a Kaldi feature table with a frame alignment."""
+    kind = "kaldi"
+    num_classes = None
+    class_names = None
+    dtype = None
+
+    def __init__(self, feats: str, ali: str):
+        self.feats = KaldiTable(feats)
+        self.ali = AlignmentTable(ali)
+
+    def scan(self, checks: Checks, report: SkipReport) -> Scan:
+        utts, feat_dim, max_label, seen = [], None, -1, set()
+        for key, feats in self.feats.items():
+            seen.add(key)
+            if key not in self.ali:
+                report.skip(key, "missing_labels", f"has features but no alignment in {self.ali.path}")
+                continue
+            feats = as_feature_matrix(key, feats, self.feats.path)
+            labels = self.ali.read(key)
+            if len(feats):
+                feat_dim = _feat_dim_of(key, feats, feat_dim, self.feats.path)
+            n = check_utterance(key, feats, labels, checks, report)
+            if n is not None:
+                utts.append(Utt(key, n))
+                max_label = max(max_label, int(labels[:n].max()))
+        for key in self.ali.keys():
+            if key not in seen:
+                report.skip(key, "missing_feats", f"has an alignment but no features in {self.feats.path}")
+        return Scan(utts, feat_dim, max_label)
+
+    def read(self, utt: Utt):
+        feats = as_feature_matrix(utt.utt_id, self.feats.read(utt.utt_id), self.feats.path)
+        return feats[:utt.num_frames], self.ali.read(utt.utt_id)[:utt.num_frames]
+
+    def close(self) -> None:
+        self.feats.close()
+        self.ali.close()
+
+
+@dataclass
+class ArraySet:
+    """One set of utterances held as arrays (an .npz file or a corpus split)."""
+    name: str
+    feats: np.ndarray               # (T, F) float, may be a np.memmap
+    labels: np.ndarray              # (T,) int
+    utt_offsets: np.ndarray         # (U+1,) utterance u = rows [o[u], o[u+1])
+    utt_ids: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        def bad(name, what):
+            raise PrepareError(f"{self.name}: '{name}' must be {what}")
+
+        f, lab, o = self.feats, self.labels, self.utt_offsets
+        if f.ndim != 2 or f.dtype.kind != "f":
+            bad("feats", f"a float (frames, feat_dim) array, got {f.dtype} {f.shape}")
+        if lab.shape != (f.shape[0],) or lab.dtype.kind not in "iu":
+            bad("labels", f"an integer array of shape ({f.shape[0]},), got {lab.dtype} {lab.shape}")
+        if o.ndim != 1 or o.dtype.kind not in "iu" or len(o) < 1 or o[0] != 0 or o[-1] != f.shape[0] \
+                or np.any(np.diff(o) < 0):
+            bad("utt_offsets", f"a non-decreasing integer vector from 0 to {f.shape[0]} (number of frames)")
+        if len(self.utt_ids) != len(o) - 1:
+            bad("utt_ids", f"{len(o) - 1} ids (one per utterance), got {len(self.utt_ids)}")
+
+
+def _npz_array(path: str, name: str) -> np.ndarray:
+    """Array ``name`` of an .npz: memory-mapped when the member is stored
+    uncompressed (``np.savez``), so only the rows used are read; read whole
+    when compressed (``np.savez_compressed``)."""
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(name + ".npy")
+        except KeyError:
+            raise PrepareError(f"{path}: array '{name}' is missing (has: "
+                               f"{', '.join(n[:-4] for n in zf.namelist())})") from None
+        if info.compress_type == zipfile.ZIP_STORED:
+            with zf.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version in ((1, 0), (2, 0)):
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(member)
+                    header_size = member.tell()
+                    if not dtype.hasobject and int(np.prod(shape)) > 0:
+                        with open(path, "rb") as raw:       # the member's local file header
+                            raw.seek(info.header_offset)
+                            local = raw.read(30)
+                        name_len, extra_len = struct.unpack("<HH", local[26:30])
+                        start = info.header_offset + 30 + name_len + extra_len + header_size
+                        return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=shape,
+                                         order="F" if fortran else "C")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[name]
+    except ValueError as exc:
+        raise PrepareError(f"{path}: array '{name}' cannot be read without pickle ({exc}); "
+                           f"store ids as a unicode array") from None
+
+
+def load_npz_set(path: str) -> ArraySet:
+    """An ArraySet from an .npz with feats, labels, utt_offsets and optional utt_ids."""
+    if not os.path.isfile(path):
+        raise PrepareError(f"{path}: file does not exist")
+    if not zipfile.is_zipfile(path):
+        raise PrepareError(f"{path}: not an .npz file")
+    with zipfile.ZipFile(path) as zf:
+        has_ids = "utt_ids.npy" in zf.namelist()
+    offsets = np.asarray(_npz_array(path, "utt_offsets"))
+    if has_ids:
+        ids = [str(i) for i in _npz_array(path, "utt_ids").tolist()]
+    else:   # ids from the file name and position
+        stem = os.path.splitext(os.path.basename(path))[0]
+        ids = [f"{stem}-{u:06d}" for u in range(max(len(offsets) - 1, 0))]
+    arrays = ArraySet(path, _npz_array(path, "feats"), _npz_array(path, "labels"), offsets, ids)
+    arrays.check()
+    return arrays
+
+
+class ArraySource:
+    """Utterances of one or more ArraySets (.npz files, the demo corpus)."""
+    kind = "numpy"
+    dtype = None
+
+    def __init__(self, sets: list[ArraySet], num_classes: int | None = None, class_names=None):
+        self.sets = sets
+        self.num_classes = num_classes
+        self.class_names = class_names
+
+    def scan(self, checks: Checks, report: SkipReport) -> Scan:
+        utts, feat_dim, max_label, seen = [], None, -1, set()
+        for s, arrays in enumerate(self.sets):
+            o = arrays.utt_offsets
+            for u, utt_id in enumerate(arrays.utt_ids):
+                if utt_id in seen:
+                    raise PrepareError(f"{arrays.name}: utterance id {utt_id!r} appears twice")
+                seen.add(utt_id)
+                feats = np.asarray(arrays.feats[o[u]:o[u + 1]])
+                labels = np.asarray(arrays.labels[o[u]:o[u + 1]])
+                if len(feats):
+                    feat_dim = _feat_dim_of(utt_id, feats, feat_dim, arrays.name)
+                n = check_utterance(utt_id, feats, labels, checks, report)
+                if n is not None:
+                    utts.append(Utt(utt_id, n, (s, u)))
+                    max_label = max(max_label, int(labels.max()))
+        return Scan(utts, feat_dim, max_label)
+
+    def read(self, utt: Utt):
+        s, u = utt.where
+        arrays = self.sets[s]
+        lo, hi = int(arrays.utt_offsets[u]), int(arrays.utt_offsets[u + 1])
+        return np.asarray(arrays.feats[lo:hi]), np.asarray(arrays.labels[lo:hi])
+
+    def close(self) -> None:
+        pass
+
+
+class PartitionSource:
+    """Utterances of existing partition files (for re-splitting)."""
+    kind = "repartition"
+    class_names = None
+
+    def __init__(self, paths: list[str]):
+        self.infos = [data.open_partition(p) for p in paths]
+        first = self.infos[0]
+        for info in self.infos[1:]:
+            if (info.feat_dim, info.num_classes) != (first.feat_dim, first.num_classes):
+                raise PrepareError(f"{info.path}: feat_dim/num_classes {info.feat_dim}/{info.num_classes} "
+                                   f"differ from {first.path} ({first.feat_dim}/{first.num_classes})")
+        self.num_classes = first.num_classes
+        self.files = [h5py.File(p, "r") for p in paths]
+        self.dtype = self.files[0]["feats"].dtype
+
+    def scan(self, checks: Checks, report: SkipReport) -> Scan:
+        """Partitions were checked when written and by open_partition: nothing to skip."""
+        utts, seen = [], set()
+        for p, (info, f) in enumerate(zip(self.infos, self.files)):
+            for u, raw_id in enumerate(f["utt_ids"][()]):
+                utt_id = raw_id.decode("utf-8") if isinstance(raw_id, bytes) else str(raw_id)
+                if utt_id in seen:
+                    raise PrepareError(f"{info.path}: utterance id {utt_id!r} appears in more than one "
+                                       f"partition")
+                seen.add(utt_id)
+                utts.append(Utt(utt_id, int(info.utt_offsets[u + 1] - info.utt_offsets[u]), (p, u)))
+        return Scan(utts, self.infos[0].feat_dim, self.num_classes - 1)
+
+    def read(self, utt: Utt):
+        p, u = utt.where
+        o, f = self.infos[p].utt_offsets, self.files[p]
+        return f["feats"][o[u]:o[u + 1]], f["labels"][o[u]:o[u + 1]]
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+# --------------------------------------------------------------------------- the split
+
+def balanced_split(lengths, num_parts: int) -> list[list[int]]:
+    """Deal items, in the given order, each to the part with the fewest frames
+    so far (ties: the lowest index); see the module docstring for the bound."""
+    heap = [(0, k) for k in range(num_parts)]
+    parts: list[list[int]] = [[] for _ in range(num_parts)]
+    for i, n in enumerate(lengths):
+        total, k = heapq.heappop(heap)
+        parts[k].append(i)
+        heapq.heappush(heap, (total + int(n), k))
+    return parts
+
+
+@dataclass
+class PrepareOptions:
+    num_partitions: int = 1
+    seed: int = 0
+    valid_fraction: float = 0.0       # fraction of the utterances held out as OUT/valid.h5
+    valid_utts: str | None = None     # or: a file listing them (first token of each line)
+    num_classes: int | None = None    # None: the source's, else max label + 1
+    length_tolerance: int = 2
+    strict: bool = False
+    dtype: str | None = "float16"     # stored feature type; None = the source's (repartition)
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        def need(cond, name, what):
+            if not cond:
+                raise PrepareError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
+
+        need(self.num_partitions >= 1, "num_partitions", ">= 1")
+        need(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "in [0, 1)")
+        need(self.length_tolerance >= 0, "length_tolerance", ">= 0")
+        need(self.num_classes is None or self.num_classes >= 2, "num_classes", ">= 2")
+        need(self.dtype in (None, "float16", "float32"), "dtype", "float16 or float32")
+        if self.valid_utts and self.valid_fraction:
+            raise PrepareError("give --valid-utts or --valid-fraction, not both")
+
+
+def _read_id_list(path: str) -> set[str]:
+    if not os.path.isfile(path):
+        raise PrepareError(f"--valid-utts: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        return {line.split()[0] for line in f if line.strip()}
+
+
+def _split_valid(utts: list[Utt], opts: PrepareOptions, log) -> tuple[list[Utt], list[Utt]]:
+    """(train, valid), both in the order shuffled by the seed."""
+    order = np.random.default_rng(opts.seed).permutation(len(utts))
+    shuffled = [utts[i] for i in order]
+    if opts.valid_utts:
+        wanted = _read_id_list(opts.valid_utts)
+        valid = [u for u in shuffled if u.utt_id in wanted]
+        if not valid:
+            raise PrepareError(f"--valid-utts: none of the {len(wanted)} utterances listed in "
+                               f"{opts.valid_utts} is among the usable ones")
+        if len(valid) < len(wanted):
+            log(f"note: {len(wanted) - len(valid)} of the {len(wanted)} utterances in {opts.valid_utts} "
+                f"are not among the usable ones")
+        return [u for u in shuffled if u.utt_id not in wanted], valid
+    num_valid = int(round(opts.valid_fraction * len(utts)))
+    if opts.valid_fraction > 0:
+        num_valid = max(num_valid, 1)
+    return shuffled[num_valid:], shuffled[:num_valid]
+
+
+def _write_file(path, source, utts, feat_dim, num_classes, dtype, index, count, role) -> None:
+    with data.PartitionWriter(path, feat_dim, num_classes, partition_index=index, num_partitions=count,
+                              role=role, dtype=dtype) as writer:
+        for utt in utts:
+            feats, labels = source.read(utt)
+            writer.add(utt.utt_id, feats, labels)
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"--out {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise PrepareError(f"--out {out_dir} exists and is not empty (remove it or pass --overwrite)")
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    """Rename the finished temporary directory to OUT (replacing an old OUT)."""
+    old = None
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        old = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.old{os.getpid()}")
+        os.replace(out_dir, old)
+    elif os.path.isdir(out_dir):
+        os.rmdir(out_dir)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(source, out_dir: str, opts: PrepareOptions, valid_source=None, copy_valid: str | None = None,
+            log=print) -> dict:
+    """Scan ``source``, split it and write OUT (see the module docstring).
+    ``valid_source``: write all its usable utterances as valid.h5 (demo);
+    ``copy_valid``: copy this file as valid.h5 (repartition).  Returns the
+    content of stats.json."""
+    opts.validate()
+    out_dir = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp{os.getpid()}")
+    try:
+        _check_out_dir(out_dir, opts.overwrite)
+        report = SkipReport(opts.strict)
+        stats = _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        source.close()
+        if valid_source is not None:
+            valid_source.close()
+    _publish(tmp, out_dir)
+    for line in _summary(stats, out_dir) + report.lines(opts.length_tolerance):
+        log(line)
+    return stats
+
+
+def _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log) -> dict:
+    dtype = np.dtype(opts.dtype or source.dtype or "float16")
+    given_classes = opts.num_classes or source.num_classes
+    checks = Checks(given_classes, opts.length_tolerance,
+                    FLOAT16_MAX if dtype == np.float16 else float(np.finfo(dtype).max))
+
+    scan = source.scan(checks, report)
+    valid_scan = valid_source.scan(checks, report) if valid_source is not None else None
+    if not scan.utts:
+        raise PrepareError("no usable utterances. " + " ".join(report.lines(opts.length_tolerance)))
+    feat_dim = scan.feat_dim
+    if valid_scan is not None and valid_scan.utts and valid_scan.feat_dim != feat_dim:
+        raise PrepareError(f"the validation data has {valid_scan.feat_dim}-dim features, "
+                           f"the training data {feat_dim}")
+    num_classes = given_classes
+    if num_classes is None:
+        num_classes = max(scan.max_label, valid_scan.max_label if valid_scan else -1) + 1
+        log(f"note: --num-classes not given; using max label + 1 = {num_classes}")
+        if num_classes < 2:
+            raise PrepareError("only label 0 occurs; pass --num-classes (>= 2)")
+
+    train, valid = _split_valid(scan.utts, opts, log)
+    if valid_scan is not None:
+        valid = valid_scan.utts
+    if len(train) < opts.num_partitions:
+        raise PrepareError(f"{len(train)} training utterance(s) for --num-partitions "
+                           f"{opts.num_partitions}: every partition needs at least one")
+    parts = balanced_split([u.num_frames for u in train], opts.num_partitions)
+
+    os.makedirs(os.path.join(tmp, "train"))
+    train_paths = []
+    for k, members in enumerate(parts):
+        path = os.path.join(tmp, "train", f"train.{k}.h5")
+        _write_file(path, source, [train[i] for i in members], feat_dim, num_classes, dtype, k,
+                    opts.num_partitions, "train")
+        train_paths.append(path)
+    valid_path = os.path.join(tmp, "valid.h5")
+    if copy_valid is not None:
+        shutil.copyfile(copy_valid, valid_path)
+    elif valid:
+        _write_file(valid_path, valid_source or source, valid, feat_dim, num_classes, dtype, 0, 1, "valid")
+    valid_info = data.open_partition(valid_path, scan=False) if os.path.exists(valid_path) else None
+    stats = _stats([data.open_partition(p, scan=False) for p in train_paths], valid_info, report,
+                   source, opts, dtype, given_classes is None)
+    with open(os.path.join(tmp, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    return stats
+
+
+def _stats(infos, valid_info, report, source, opts, dtype, inferred) -> dict:
+    frames = sum(i.num_frames for i in infos)
+    mean = sum(i.feat_sum for i in infos) / frames
+    var = sum(i.feat_sumsq for i in infos) / frames - mean ** 2
+    stats = {
+        "format": "ngsgd_mpi.prepare-stats", "source": source.kind, "seed": opts.seed,
+        "feat_dim": int(infos[0].feat_dim), "num_classes": int(infos[0].num_classes),
+        "num_classes_inferred": bool(inferred), "dtype": str(dtype),
+        "train": {"num_partitions": len(infos), "frames": int(frames),
+                  "utts": int(sum(len(i.utt_offsets) - 1 for i in infos)),
+                  "partition_frames": [int(i.num_frames) for i in infos],
+                  "partition_utts": [int(len(i.utt_offsets) - 1) for i in infos]},
+        "valid": None if valid_info is None else {"frames": int(valid_info.num_frames),
+                                                  "utts": int(len(valid_info.utt_offsets) - 1)},
+        "feat_mean": mean.tolist(), "feat_std": np.sqrt(np.maximum(var, 1e-10)).tolist(),
+        "class_counts": [int(c) for c in sum(i.class_counts for i in infos)],
+    }
+    if source.class_names is not None:
+        stats["class_names"] = [str(c) for c in source.class_names]
+    stats.update(report.to_dict())
+    return stats
+
+
+def _summary(stats: dict, out_dir: str) -> list[str]:
+    t = stats["train"]
+    lines = [f"ngsgd-prepare: wrote {out_dir}: {t['num_partitions']} training partition(s), "
+             f"{t['utts']:,} utterances, {t['frames']:,} frames ({min(t['partition_frames']):,} to "
+             f"{max(t['partition_frames']):,} per partition); feat_dim {stats['feat_dim']}, "
+             f"{stats['num_classes']} classes"]
+    if stats["valid"]:
+        lines.append(f"valid.h5: {stats['valid']['utts']:,} utterances, {stats['valid']['frames']:,} frames")
+    return lines
+
+
+# --------------------------------------------------------------------------- subcommands
+
+def prepare_kaldi(feats: str, ali: str, out_dir: str, opts: PrepareOptions, log=print) -> dict:
+    """Partitions from a Kaldi feature table (scp/ark) and a frame alignment."""
+    return prepare(KaldiSource(feats, ali), out_dir, opts, log=log)
+
+
+def prepare_numpy(paths: list[str], out_dir: str, opts: PrepareOptions, log=print) -> dict:
+    """Partitions from .npz files (feats, labels, utt_offsets, optional utt_ids)."""
+    return prepare(ArraySource([load_npz_set(p) for p in paths], opts.num_classes), out_dir, opts, log=log)
+
+
+def demo_sources(corpus: dict) -> tuple[ArraySource, ArraySource]:
+    """(train, test) sources of a corpus dict as ``load_demo_corpus()`` returns."""
+    names = list(corpus["class_names"])
+
+    def split(prefix):
+        ids = [str(i) for i in np.asarray(corpus[f"{prefix}_utt_ids"]).tolist()]
+        arrays = ArraySet(f"demo corpus ({prefix})", np.asarray(corpus[f"{prefix}_feats"]),
+                          np.asarray(corpus[f"{prefix}_labels"]),
+                          np.asarray(corpus[f"{prefix}_utt_offsets"]), ids)
+        arrays.check()
+        return ArraySource([arrays], len(names), names)
+
+    return split("train"), split("test")
+
+
+def prepare_demo(out_dir: str, opts: PrepareOptions, log=print) -> dict:
+    """Train partitions and valid.h5 (its test split) from the embedded demo corpus."""
+    try:
+        from .corpus import load_demo_corpus  # noqa: PLC0415
+        corpus = load_demo_corpus()
+    except (ImportError, OSError, ValueError) as exc:   # not built / not shipped / inconsistent
+        raise PrepareError(f"the demo corpus is not available ({exc})") from None
+    train, test = demo_sources(corpus)
+    return prepare(train, out_dir, opts, valid_source=test, log=log)
+
+
+def repartition(in_dir: str, out_dir: str, opts: PrepareOptions, log=print) -> dict:
+    """Re-split IN/train/*.h5 into ``opts.num_partitions`` files; copy IN/valid.h5."""
+    train_dir = os.path.join(in_dir, "train")
+    if not os.path.isdir(train_dir):
+        raise PrepareError(f"{in_dir}: expected a prepared directory with train/train.K.h5")
+    paths = sorted((os.path.join(train_dir, n) for n in os.listdir(train_dir) if n.endswith(".h5")),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+    if not paths:
+        raise PrepareError(f"{train_dir}: no partition files (*.h5)")
+    valid = os.path.join(in_dir, "valid.h5")
+    if os.path.exists(valid):
+        data.open_partition(valid, scan=False)
+    return prepare(PartitionSource(paths), out_dir, opts,
+                   copy_valid=valid if os.path.exists(valid) else None, log=log)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True,
+                        help="output directory (train/train.K.h5, valid.h5, stats.json)")
+    common.add_argument("--num-partitions", type=int, default=1,
+                        help="training partitions (>= number of ranks)")
+    common.add_argument("--seed", type=int, default=0, help="seed of the utterance shuffle")
+    common.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    new_data = argparse.ArgumentParser(add_help=False)
+    new_data.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                          help="stored feature type")
+    new_data.add_argument("--strict", action="store_true",
+                          help="any skipped or trimmed utterance is an error (nothing is written)")
+    labelled = argparse.ArgumentParser(add_help=False)
+    labelled.add_argument("--num-classes", type=int, help="number of classes (default: max label + 1)")
+    labelled.add_argument("--valid-fraction", type=float, default=0.0,
+                          help="fraction of the utterances held out as valid.h5")
+    labelled.add_argument("--valid-utts",
+                          help="file listing the held-out utterance ids (first token per line)")
+
+    parser = argparse.ArgumentParser(prog="ngsgd-prepare", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    kaldi = sub.add_parser("kaldi", parents=[common, new_data, labelled],
+                           help="from Kaldi features (scp/ark) and a frame alignment")
+    kaldi.add_argument("--feats", required=True, help="feats.scp or an .ark (kaldiio)")
+    kaldi.add_argument("--ali", required=True,
+                       help="alignment: int32-vector ark/scp (ali-to-pdf output) or text 'utt id id ...'")
+    kaldi.add_argument("--length-tolerance", type=int, default=2,
+                       help="frame-count difference trimmed away (larger: utterance skipped)")
+    numpy_ = sub.add_parser("numpy", parents=[common, new_data, labelled],
+                            help="from .npz files (feats, labels, utt_offsets, optional utt_ids)")
+    numpy_.add_argument("npz", nargs="+", help=".npz files")
+    sub.add_parser("demo", parents=[common, new_data], help="from the embedded demo corpus")
+    repart = sub.add_parser("repartition", parents=[common],
+                            help="re-split prepared partitions for another number of ranks")
+    repart.add_argument("in_dir", help="a directory written by ngsgd-prepare")
+    repart.add_argument("--dtype", choices=("float16", "float32"), default=None,
+                        help="stored feature type (default: as in the input)")
+    return parser
+
+
+def options_from_args(args) -> PrepareOptions:
+    return PrepareOptions(
+        num_partitions=args.num_partitions, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
+        strict=getattr(args, "strict", False), num_classes=getattr(args, "num_classes", None),
+        valid_fraction=getattr(args, "valid_fraction", 0.0), valid_utts=getattr(args, "valid_utts", None),
+        length_tolerance=getattr(args, "length_tolerance", 2))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        opts = options_from_args(args)
+        if args.command == "kaldi":
+            prepare_kaldi(args.feats, args.ali, args.out, opts)
+        elif args.command == "numpy":
+            prepare_numpy(args.npz, args.out, opts)
+        elif args.command == "demo":
+            prepare_demo(args.out, opts)
+        else:
+            repartition(args.in_dir, args.out, opts)
+    except (PrepareError, data.DataError) as exc:
+        sys.stderr.write(f"ngsgd-prepare: error: {exc}\n")
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""ngsgd-forward / ngsgd-eval against a tiny model and a direct NumPy computation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import kaldiio
+import numpy as np
+import pytest
+
+from ngsgd_mpi import checkpoint, data, inference
+from ngsgd_mpi.network import Network, NetworkConfig
+
+FEAT_DIM, NUM_CLASSES, CONTEXT = 4, 6, 2
+CLASS_COUNTS = np.array([50, 0, 30, 20, 10, 90])      # class 1 unseen: its prior is floored
+
+
+def make_model(path, class_counts=CLASS_COUNTS, train_config=None):
+    cfg = NetworkConfig(input_dim=FEAT_DIM * (2 * CONTEXT + 1), num_classes=NUM_CLASSES,
+                        num_hidden_layers=1, pnorm_input_dim=12, pnorm_output_dim=4)
+    network = Network(cfg, seed=0)
+    rng = np.random.default_rng(1)
+    network.params[...] = (0.4 * rng.standard_normal(network.params.size)).astype(np.float32)
+    width = 2 * CONTEXT + 1
+    mean, std = rng.standard_normal(FEAT_DIM) * 0.1, 1 + rng.random(FEAT_DIM)
+    checkpoint.save_model(str(path), network.params, cfg.to_dict(),
+                          train_config if train_config is not None else {"context": CONTEXT},
+                          input_mean=np.tile(mean, width), input_std=np.tile(std, width),
+                          class_counts=class_counts)
+    return str(path)
+
+
+def spliced(feats, context=CONTEXT):
+    """Independent splicing: pad by repeating the edge frames, then stack the windows."""
+    padded = np.pad(feats.astype(np.float32), ((context, context), (0, 0)), mode="edge")
+    return np.concatenate([padded[i:i + len(feats)] for i in range(2 * context + 1)], axis=1)
+
+
+def reference_log_probs(model_path, feats):
+    network, _, _ = checkpoint.load_network(model_path)
+    return np.asarray(network.log_probs(spliced(feats)))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = np.random.default_rng(0)
+    utts = {}
+    for u in range(9):
+        n = int(rng.integers(1, 40))
+        utts[f"utt{u}"] = (rng.standard_normal((n, FEAT_DIM)).astype(np.float32),
+                           rng.integers(0, NUM_CLASSES, n).astype(np.int32))
+    kaldiio.save_ark(str(tmp_path / "feats.ark"), {k: v[0] for k, v in utts.items()},
+                     scp=str(tmp_path / "feats.scp"))
+    kaldiio.save_ark(str(tmp_path / "ali.ark"), {k: v[1] for k, v in utts.items()})
+    data.write_partition(tmp_path / "part.h5", [(k, v[0], v[1]) for k, v in utts.items()], FEAT_DIM,
+                         NUM_CLASSES, dtype=np.float32)
+    return tmp_path, make_model(tmp_path / "model.h5"), utts
+
+
+def test_forward_log_posteriors_equal_the_model(setup):
+    root, model, utts = setup
+    summary = inference.forward(model, str(root / "feats.scp"), f"ark,scp:{root}/post.ark,{root}/post.scp",
+                                batch_frames=50)
+    assert summary == {"utterances": 9, "frames": sum(len(v[0]) for v in utts.values()),
+                       "wspecifier": f"ark,scp:{root}/post.ark,{root}/post.scp"}
+    out = kaldiio.load_scp(str(root / "post.scp"))
+    assert list(out) == list(utts)
+    for key, (feats, _) in utts.items():
+        assert out[key].shape == (len(feats), NUM_CLASSES) and out[key].dtype == np.float32
+        np.testing.assert_allclose(out[key], reference_log_probs(model, feats), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.exp(out[key]).sum(1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["{root}/feats.ark", "{root}/part.h5", "scp:{root}/feats.scp"])
+def test_forward_reads_ark_and_partitions_alike(setup, source):
+    root, model, utts = setup
+    inference.forward(model, str(root / "feats.scp"), f"ark:{root}/a.ark", batch_frames=7)
+    inference.forward(model, source.format(root=root), f"ark:{root}/b.ark", batch_frames=1000)
+    a, b = dict(kaldiio.load_ark(str(root / "a.ark"))), dict(kaldiio.load_ark(str(root / "b.ark")))
+    assert list(a) == list(b) == list(utts)
+    for key in utts:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_log_likelihood_is_log_posterior_minus_floored_log_prior(setup):
+    root, model, utts = setup
+    inference.forward(model, str(root / "feats.scp"), f"ark:{root}/post.ark")
+    inference.forward(model, str(root / "feats.scp"), f"ark:{root}/like.ark", output="log-likelihood",
+                      prior_floor=1e-3)
+    post = dict(kaldiio.load_ark(str(root / "post.ark")))
+    like = dict(kaldiio.load_ark(str(root / "like.ark")))
+    log_prior = np.log(np.maximum(CLASS_COUNTS / CLASS_COUNTS.sum(), 1e-3))
+    assert log_prior[1] == np.log(1e-3)
+    for key in utts:
+        np.testing.assert_allclose(like[key], post[key] - log_prior, rtol=1e-6, atol=1e-5)
+
+
+def forward_two_ranks(*argv):
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "ngsgd_mpi.inference", "forward",
+                           *argv], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_forward_with_two_ranks_equals_one_rank(setup):
+    root, model, utts = setup
+    inference.forward(model, str(root / "feats.scp"), f"ark,scp:{root}/one.ark,{root}/one.scp",
+                      output="log-likelihood")
+    res = forward_two_ranks("--model", model, "--feats", str(root / "feats.scp"),
+                            "--output", "log-likelihood", "--batch-frames", "16",
+                            "--out", f"ark,scp:{root}/two.ark,{root}/two.scp")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "9 utterances" in res.stdout
+    one, two = kaldiio.load_scp(str(root / "one.scp")), kaldiio.load_scp(str(root / "two.scp"))
+    assert list(two) == list(one) == list(utts)                   # input order, not rank order
+    for key in utts:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6)
+    rank_keys = [list(kaldiio.load_scp(str(root / f"two.{r}.scp"))) for r in range(2)]
+    assert rank_keys == [list(utts)[0::2], list(utts)[1::2]]
+    assert {line.split()[1].rsplit(":", 1)[0] for line in open(root / "two.scp")} == \
+        {f"{root}/two.0.ark", f"{root}/two.1.ark"}
+
+
+def test_bad_utterance_on_one_rank_stops_both_and_leaves_no_output(setup, tmp_path):
+    root, model, utts = setup
+    feats = {k: v[0] for k, v in utts.items()}
+    feats["utt7"] = np.zeros((5, FEAT_DIM + 1), np.float32)          # utterance 7 goes to rank 1
+    kaldiio.save_ark(str(tmp_path / "bad.ark"), feats, scp=str(tmp_path / "bad.scp"))
+    res = forward_two_ranks("--model", model, "--feats", str(tmp_path / "bad.scp"),
+                            "--out", f"ark,scp:{tmp_path}/o.ark,{tmp_path}/o.scp")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr == (f"ngsgd-forward: error: {tmp_path}/bad.scp: utterance 'utt7' has 5-dim "
+                          f"features, the model expects 4\n")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("o.")]
+
+
+def test_forward_bad_input(setup, tmp_path, capsys):
+    root, model, _ = setup
+    no_priors = make_model(tmp_path / "np.h5", class_counts=None)
+    no_context = make_model(tmp_path / "nc.h5", train_config={})
+    base = ["--feats", str(root / "feats.scp"), "--out", f"ark,scp:{tmp_path}/o.ark,{tmp_path}/o.scp"]
+    cases = [
+        (["--model", no_priors, "--output", "log-likelihood"] + base, "no class_priors stored"),
+        (["--model", no_context] + base, "train_config has no 'context'; pass --context"),
+        (["--model", model, "--context", "1"] + base,
+         "input_dim 20 is not a multiple of 2 * context + 1 = 3"),
+        (["--model", model, "--feats", str(root / "none.scp"), "--out", f"ark:{tmp_path}/o.ark"],
+         "none.scp: file does not exist"),
+        (["--model", model, "--feats", str(root / "feats.scp"), "--out", f"{tmp_path}/o.ark"],
+         "--out must be a Kaldi wspecifier"),
+    ]
+    for argv, message in cases:
+        assert inference.forward_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ngsgd-forward: error: ") and message in err, err
+    assert not (tmp_path / "o.ark").exists()
+
+
+def test_forward_removes_partial_output_on_bad_utterance(setup, tmp_path):
+    root, model, utts = setup
+    bad = dict((k, v[0]) for k, v in utts.items())
+    bad["utt7"] = np.zeros((5, FEAT_DIM + 1), np.float32)
+    kaldiio.save_ark(str(tmp_path / "bad.ark"), bad)
+    with pytest.raises(inference.InferenceError, match="'utt7' has 5-dim features, the model expects 4"):
+        inference.forward(model, str(tmp_path / "bad.ark"), f"ark,scp:{tmp_path}/o.ark,{tmp_path}/o.scp",
+                          batch_frames=10)
+    assert not (tmp_path / "o.ark").exists() and not (tmp_path / "o.scp").exists()
+
+
+def direct_eval(model, utts):
+    """Objective, accuracy, per-class accuracy by plain NumPy over all frames."""
+    lp = np.concatenate([reference_log_probs(model, f).astype(np.float64) for f, _ in utts.values()])
+    labels = np.concatenate([lab for _, lab in utts.values()]).astype(np.int64)
+    correct = lp.argmax(1) == labels
+    per_class = {c: (int((labels == c).sum()), correct[labels == c].mean() if (labels == c).any() else None)
+                 for c in range(NUM_CLASSES)}
+    return lp[np.arange(len(labels)), labels].mean(), correct.mean(), per_class, len(labels)
+
+
+def check_eval(result, model, utts):
+    objective, accuracy, per_class, frames = direct_eval(model, utts)
+    assert result["frames"] == frames and result["utterances"] == len(utts)
+    assert result["objective"] == pytest.approx(objective, rel=1e-5)
+    assert result["frame_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    for row in result["per_class"]:
+        n, acc = per_class[row["class"]]
+        assert row["frames"] == n
+        assert (row["accuracy"] is None) if acc is None else row["accuracy"] == pytest.approx(acc, abs=1e-12)
+
+
+def test_eval_on_a_partition_equals_numpy(setup, capsys):
+    root, model, utts = setup
+    assert inference.eval_main(["--model", model, "--data", str(root / "part.h5"),
+                                "--json", str(root / "eval.json"), "--batch-frames", "32"]) == 0
+    result = json.loads((root / "eval.json").read_text())
+    check_eval(result, model, utts)
+    printed = capsys.readouterr().out
+    assert f"objective (log-prob/frame) {result['objective']:.6f}" in printed
+    assert f"frame accuracy             {100 * result['frame_accuracy']:.2f} %" in printed
+
+
+def test_eval_on_kaldi_features_with_alignment(setup, tmp_path):
+    root, model, utts = setup
+    kept = dict(utts)
+    feats = {k: v[0] for k, v in utts.items()}
+    alis = {k: v[1] for k, v in utts.items()}
+    alis["utt3"] = alis["utt3"][:-1] if len(alis["utt3"]) > 1 else alis["utt3"]   # trimmed, still used
+    kept["utt3"] = (feats["utt3"][:len(alis["utt3"])], alis["utt3"])
+    del alis["utt5"]                                                              # skipped
+    del kept["utt5"]
+    kaldiio.save_ark(str(tmp_path / "ali.ark"), alis)
+    result = inference.evaluate(model, str(root / "feats.scp"), str(tmp_path / "ali.ark"), batch_frames=20)
+    check_eval(result, model, kept)
+    assert result["skipped"] == {"missing_labels": 1}
+    with pytest.raises(inference.InferenceError, match="--ali is needed"):
+        inference.evaluate(model, str(root / "feats.scp"))
+
+
+def test_eval_rejects_mismatched_data(setup, tmp_path, capsys):
+    root, model, utts = setup
+    data.write_partition(tmp_path / "other.h5", [("a", np.zeros((3, FEAT_DIM + 1)), np.zeros(3, int))],
+                         FEAT_DIM + 1, NUM_CLASSES)
+    assert inference.eval_main(["--model", model, "--data", str(tmp_path / "other.h5")]) == 2
+    assert "feat_dim is 5, expected 4" in capsys.readouterr().err
