@@ -271,7 +271,9 @@ def train(cfg, dist) -> int:
         os.makedirs(out_dir, exist_ok=True)
         log.info(f"ngsgd-train: {dist.size} rank(s), {threads} thread(s)/rank, device {cfg.device}, "
                  f"MPI CUDA-aware: {dist.cuda_aware}\nresolved config:\n{config.format_resolved(cfg)}")
-        log.info(f"data: {global_frames:,} frames, feat_dim {feat_dim}, {num_classes} classes; "
+        majority = model.class_counts.max() / global_frames
+        log.info(f"data: {global_frames:,} frames, feat_dim {feat_dim}, {num_classes} classes "
+                 f"(most frequent: {100 * majority:.1f}% of frames); "
                  f"network: {network.params.size:,} parameters; {num_periods} periods x "
                  f"{batches_per_period} minibatches x {dist.size} rank(s)")
 
