@@ -139,6 +139,7 @@ class Checkpoint(NamedTuple):
     period: int       # averages completed
     batch: int        # minibatches into the next period (0: right after an average)
     path: str
+    scheduled: bool   # False: written only because training was stopped on a signal
 
 
 def checkpoint_dir(out_dir: str, period: int, batch: int = 0) -> str:
@@ -167,9 +168,16 @@ def complete_checkpoints(out_dir: str) -> list[Checkpoint]:
     found = []
     for name in os.listdir(root):
         m = _CKPT_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, "COMPLETE")):
-            found.append(Checkpoint(int(m.group(1)), int(m.group(2) or 0), os.path.join(root, name)))
+        path = os.path.join(root, name)
+        if m and os.path.isfile(os.path.join(path, "COMPLETE")):
+            scheduled = bool(read_complete_info(path).get("scheduled", True))
+            found.append(Checkpoint(int(m.group(1)), int(m.group(2) or 0), path, scheduled))
     return sorted(found)
+
+
+def averaged_checkpoints(out_dir: str) -> list[Checkpoint]:
+    """The scheduled checkpoints taken right after an average (candidates for combination)."""
+    return [c for c in complete_checkpoints(out_dir) if c.batch == 0 and c.scheduled]
 
 
 def read_complete_info(ckpt: str) -> dict:
@@ -178,10 +186,14 @@ def read_complete_info(ckpt: str) -> dict:
 
 
 def prune(out_dir: str, keep_last_k: int) -> None:
-    """Delete all but the newest ``keep_last_k`` complete checkpoints (0 = keep all)."""
-    if keep_last_k <= 0:
-        return
-    for ckpt in complete_checkpoints(out_dir)[:-keep_last_k]:
+    """Keep the newest ``keep_last_k`` scheduled checkpoints (0 = all) and the newest
+    checkpoint of any kind; unscheduled ones are dropped once a newer one exists."""
+    found = complete_checkpoints(out_dir)
+    scheduled = [c for c in found if c.scheduled]
+    keep = set(scheduled[-keep_last_k:] if keep_last_k > 0 else scheduled) | set(found[-1:])
+    for ckpt in found:
+        if ckpt in keep:
+            continue
         os.remove(os.path.join(ckpt.path, "COMPLETE"))   # first un-complete it, then delete
         shutil.rmtree(ckpt.path, ignore_errors=True)
 

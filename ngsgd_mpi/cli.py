@@ -10,6 +10,7 @@ import sys
 def train_main(argv=None) -> int:
     from . import config, distributed, trainer  # noqa: PLC0415
 
+    stop = trainer.StopRequest()          # before MPI starts: a preemption signal is never lost
     dist = distributed.init()
     # every rank parses the same arguments; only rank 0 speaks about a bad one
     quiet = contextlib.nullcontext() if dist.rank == 0 else contextlib.redirect_stderr(open(os.devnull, "w"))
@@ -21,7 +22,7 @@ def train_main(argv=None) -> int:
             sys.stderr.write(f"ngsgd-train: error: {exc}\n")
         return trainer.EXIT_BAD_INPUT
     with distributed.abort_on_exception(dist):
-        return trainer.main_guarded(cfg, dist)
+        return trainer.main_guarded(cfg, dist, stop)
 
 
 if __name__ == "__main__":

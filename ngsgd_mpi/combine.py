@@ -22,7 +22,7 @@ from . import backend, checkpoint, data
 
 def combine_checkpoints(out_dir: str, valid: data.PartitionInfo, max_models: int, log=print):
     """(params, n) of the best candidate, or None when there is no averaged checkpoint."""
-    averaged = [c for c in checkpoint.complete_checkpoints(out_dir) if c.batch == 0][-max_models:]
+    averaged = checkpoint.averaged_checkpoints(out_dir)[-max_models:]
     if not averaged:
         return None
     from .trainer import evaluate_file  # noqa: PLC0415 - shared evaluation loop
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         if result is None:
             raise checkpoint.CheckpointError(f"{args.out_dir}: no complete averaged checkpoint found")
         params, n = result
-        src = [c for c in checkpoint.complete_checkpoints(args.out_dir) if c.batch == 0][-1]
+        src = checkpoint.averaged_checkpoints(args.out_dir)[-1]
         arrays, attrs = checkpoint.load_model_file(os.path.join(src.path, "model.h5"))
         output = args.output or os.path.join(args.out_dir, "combined.h5")
         checkpoint.save_model(output, params, attrs["network_config"], attrs["train_config"],

@@ -93,7 +93,14 @@ def set_threads(cfg, dist) -> int:
     """Share the node's cores between the ranks on it (BLAS/OpenMP threads)."""
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
-    threads = cfg.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // dist.local_size())
+    if cfg.threads_per_rank:
+        threads = cfg.threads_per_rank
+    else:
+        usable = len(os.sched_getaffinity(0))
+        # bound to a subset of the node's CPUs (srun --cpu-bind, taskset): that subset is ours;
+        # otherwise the node's CPUs are shared by the ranks on it
+        threads = usable if usable < (os.cpu_count() or usable) else usable // dist.local_size()
+        threads = max(1, threads)
     threadpool_limits(threads)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
@@ -226,7 +233,9 @@ class Model:
 
 # ----------------------------------------------------------------------------- the driver
 
-def train(cfg, dist) -> int:
+def train(cfg, dist, stop: StopRequest | None = None) -> int:
+    """Train; ``stop`` is the signal flag (installed by the CLI before MPI starts,
+    so a signal during setup is not lost)."""
     out_dir = cfg.out_dir
     log = Log(dist, out_dir)
     threads = set_threads(cfg, dist)
@@ -280,7 +289,7 @@ def train(cfg, dist) -> int:
     stream = data.MinibatchStream(infos, cfg.minibatch_size, cfg.context, cfg.context, cfg.seed,
                                   dist.rank, cfg.window_frames, start=(prog.epoch, prog.frame))
     batches = data.Prefetcher(iter(stream), depth=cfg.prefetch_batches)
-    stop = StopRequest()
+    stop = stop or StopRequest()
     start_time = time.perf_counter() - prog.elapsed
     try:
         while prog.period < num_periods:
@@ -306,7 +315,7 @@ def train(cfg, dist) -> int:
                     if flags & DIVERGED:
                         break
                     if flags & STOP and prog.batch < batches_per_period:
-                        write_checkpoint(cfg, dist, model, updater, prog, start_time)
+                        write_checkpoint(cfg, dist, model, updater, prog, start_time, scheduled=False)
                         log.info(f"stopped on signal in period {prog.period + 1} after minibatch "
                                  f"{prog.batch}; checkpoint written, exit {EXIT_STOPPED}")
                         return EXIT_STOPPED
@@ -325,8 +334,9 @@ def train(cfg, dist) -> int:
                        eta=(now - start_time) / prog.period * (num_periods - prog.period),
                        frames_per_sec=samples_per_period / (now - t_period))
             log.record(rec)
-            if prog.period % cfg.checkpoint_every == 0 or prog.period == num_periods or flags & STOP:
-                write_checkpoint(cfg, dist, model, updater, prog, start_time)
+            scheduled = prog.period % cfg.checkpoint_every == 0 or prog.period == num_periods
+            if scheduled or flags & STOP:
+                write_checkpoint(cfg, dist, model, updater, prog, start_time, scheduled)
             if flags & STOP and prog.period < num_periods:
                 log.info(f"stopped on signal after period {prog.period}; checkpoint written, "
                          f"exit {EXIT_STOPPED}")
@@ -427,11 +437,13 @@ def finish_training(cfg, model, valid, log, period) -> None:
     log.info(f"done: {period} periods; final model {final}")
 
 
-def write_checkpoint(cfg, dist, model, updater, prog, start_time) -> None:
+def write_checkpoint(cfg, dist, model, updater, prog, start_time, scheduled: bool) -> None:
     """Rank 0 writes the model, every rank its own state; COMPLETE last.
 
     Mid-period (a stop on signal) the ranks' parameters differ, so each state
-    file then also holds its rank's parameters."""
+    file then also holds its rank's parameters.  Checkpoints written only
+    because of a stop are not ``scheduled``: combination and pruning ignore
+    them, so a stopped-and-resumed run ends exactly like an uninterrupted one."""
     ckpt = checkpoint.checkpoint_dir(cfg.out_dir, prog.period, prog.batch)
     if dist.rank == 0:
         os.makedirs(ckpt, exist_ok=True)
@@ -448,8 +460,9 @@ def write_checkpoint(cfg, dist, model, updater, prog, start_time) -> None:
     dist.barrier()
     if dist.rank == 0:
         checkpoint.mark_complete(ckpt, {"period": prog.period, "batch": prog.batch,
-                                        "num_ranks": dist.size})
+                                        "num_ranks": dist.size, "scheduled": scheduled})
         checkpoint.prune(cfg.out_dir, cfg.keep_last_k)
+    dist.barrier()          # no rank exits (e.g. with 75) before the checkpoint is complete
 
 
 def resume_from(out_dir, dist, model, updater, log):
@@ -505,10 +518,10 @@ def load_checkpoint(ckpt, dist, model, updater):
                   + f" (data cursor epoch {prog.epoch}, frame {prog.frame})")
 
 
-def main_guarded(cfg, dist) -> int:
+def main_guarded(cfg, dist, stop: StopRequest | None = None) -> int:
     """train() with bad input turned into one message and exit code 2."""
     try:
-        return train(cfg, dist)
+        return train(cfg, dist, stop)
     except SetupError as exc:
         if dist.rank == 0:
             sys.stderr.write(f"ngsgd-train: error: {exc}\n")

@@ -61,12 +61,17 @@ def test_failed_write_leaves_previous_file(tmp_path):
 
 def test_complete_marker_and_pruning(tmp_path):
     out = str(tmp_path)
-    for period, batch in ((1, 0), (2, 0), (2, 7), (3, 0)):
+    for period, batch, scheduled in ((1, 0, True), (2, 0, True), (2, 7, False), (3, 0, False), (4, 0, True)):
         d = checkpoint.checkpoint_dir(out, period, batch)
         os.makedirs(d)
-        if period != 3:                          # period 3 never completed (crash mid-write)
-            checkpoint.mark_complete(d, {"period": period, "num_ranks": 1})
-    assert [(c.period, c.batch) for c in checkpoint.complete_checkpoints(out)] == [(1, 0), (2, 0), (2, 7)]
-    checkpoint.prune(out, 2)
-    assert [(c.period, c.batch) for c in checkpoint.complete_checkpoints(out)] == [(2, 0), (2, 7)]
+        if period != 4:                          # period 4 never completed (crash mid-write)
+            checkpoint.mark_complete(d, {"period": period, "num_ranks": 1, "scheduled": scheduled})
+    found = checkpoint.complete_checkpoints(out)
+    assert [(c.period, c.batch, c.scheduled) for c in found] == [
+        (1, 0, True), (2, 0, True), (2, 7, False), (3, 0, False)]
+    assert [c.period for c in checkpoint.averaged_checkpoints(out)] == [1, 2]
+    checkpoint.prune(out, 1)
+    # newest scheduled and newest overall survive; the superseded unscheduled one goes
+    assert [(c.period, c.batch) for c in checkpoint.complete_checkpoints(out)] == [(2, 0), (3, 0)]
     assert not os.path.exists(checkpoint.checkpoint_dir(out, 1))
+    assert not os.path.exists(checkpoint.checkpoint_dir(out, 2, 7))

@@ -169,7 +169,7 @@ def test_combination_picks_best_suffix_average(dataset, reference, tmp_path):
     valid = data.open_partition(dataset[1])
     lines = []
     params, n = combine.combine_checkpoints(reference, valid, 20, log=lines.append)
-    averaged = [c for c in checkpoint.complete_checkpoints(reference) if c.batch == 0]
+    averaged = checkpoint.averaged_checkpoints(reference)
     assert len(lines) == min(20, len(averaged)) and 1 <= n <= len(lines)
     objs = [float(line.split("valid ")[1].split()[0]) for line in lines]
     assert objs[n - 1] == max(objs)
@@ -206,3 +206,26 @@ def test_restart_on_a_different_number_of_ranks(dataset, reference, tmp_path):
     assert recs[-1]["lr"] == pytest.approx(0.005)
     total = metrics(reference)[-1]["samples"]
     assert total <= recs[-1]["samples"] < total + 4 * 256
+
+
+def test_stop_at_a_period_boundary_between_scheduled_checkpoints(dataset, tmp_path):
+    """One minibatch per period: the stop lands on a period end that is not a scheduled
+    checkpoint; the extra checkpoint must not change combination or pruning."""
+    opts = dict(num_epochs=1, samples_per_average=32, checkpoint_every=4, keep_last_k=3,
+                combine_last_k=5, signal_check_every=1)
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    ok(mpi(2, "none", args_for(*dataset, ref, **opts)))
+    argv = args_for(*dataset, out, **opts)
+    proc = start(2, f"pidfile:{tmp_path}", argv)
+    try:
+        wait_for(lambda: any(c.period >= 6 for c in checkpoint.complete_checkpoints(out)))
+        os.kill(int((tmp_path / "rank0.pid").read_text()), signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == trainer.EXIT_STOPPED, stdout + stderr
+    assert not checkpoint.complete_checkpoints(out)[-1].scheduled
+    ok(mpi(2, "none", argv + ["--resume"]))
+    assert np.array_equal(final_params(out), final_params(ref))
+    assert ([c.period for c in checkpoint.averaged_checkpoints(out)]
+            == [c.period for c in checkpoint.averaged_checkpoints(ref)])
