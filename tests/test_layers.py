@@ -238,3 +238,56 @@ def test_fixed_affine():
         FixedAffine.from_mean_std(np.zeros(3), np.array([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="N x 3"):
         norm.forward(np.zeros((2, 4)))
+
+
+# ---------------------------------------------------------------------- hot-path helpers
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_matmul_add_in_place(dtype, layout):
+    """C += alpha A B written into C itself (for C/Fortran operands and strided
+    views, alpha 1, -1 and other), with or without a reused product buffer."""
+    from ngsgd_mpi.layers import matmul_add
+    rng = np.random.default_rng(12)
+    A = rng.standard_normal((7, 5)).astype(dtype)
+    B = rng.standard_normal((5, 9)).astype(dtype)
+    C = np.array(rng.standard_normal((7, 9)), dtype=dtype, order=layout)
+    tolerance = 1e-6 if dtype == np.float32 else 1e-14
+    for a, b in [(A, B), (np.asfortranarray(A), B), (A, np.asfortranarray(B)),
+                 (np.ones((5, 7), dtype).T, B.T.copy().T),
+                 (rng.standard_normal((7, 10)).astype(dtype)[:, ::2], B)]:   # strided: fallback
+        for alpha, work in ((-0.5, None), (1.0, np.empty_like(C)), (-1.0, np.empty((7, 9), dtype))):
+            expected = C.astype(np.float64) + alpha * (a.astype(np.float64) @ b)
+            result = matmul_add(C, a, b, alpha=alpha, work=work)
+            assert result is C
+            np.testing.assert_allclose(C, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_training_outputs_reuse_buffers_evaluation_outputs_do_not():
+    rng = np.random.default_rng(13)
+    layers = [Affine(rng.standard_normal((20, 6)), rng.standard_normal(20)), Pnorm(20, 4),
+              Normalize(4), SoftmaxCrossEntropy(4)]
+    x = rng.standard_normal((3, 6))
+
+    def forward(train):
+        outputs, h = [], x
+        for layer in layers:
+            h = layer.forward(h, train)
+            outputs.append(h)
+        return outputs
+
+    first = forward(True)
+    values = [o.copy() for o in first]
+    second = forward(True)
+    assert all(a is b for a, b in zip(first, second))            # same memory each step
+    for a, b in zip(second, values):
+        np.testing.assert_array_equal(a, b)
+    evaluation = forward(False)
+    assert all(a is not b for a, b in zip(evaluation, second))
+    for a, b in zip(evaluation, values):
+        np.testing.assert_allclose(a, b, rtol=1e-14)
+    kept = [a.copy() for a in evaluation]
+    x = 2 * x
+    forward(True)                                   # must not write over evaluation results
+    for a, b in zip(evaluation, kept):
+        np.testing.assert_array_equal(a, b)

@@ -459,3 +459,74 @@ def test_bad_inputs_raise():
     del state["rho"]
     with pytest.raises(ValueError, match="rho"):
         OnlineNaturalGradient(3, 1).load_state_dict(state)
+
+
+# ------------------------------------------- factored form and begin/end split
+def factored_call(p, X):
+    """One call in factored form: (X − H W, gamma, row norms, the call record)."""
+    call = p.precondition_begin(X, row_norms=True, factored=True)
+    gamma = p.precondition_end(call, call.host_values)
+    return X - call.H @ call.W, gamma, call.row_sq_norms, call
+
+
+@pytest.mark.parametrize("schedule", ["nnet2", "nnet3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_factored_form_matches_materialised(schedule, dtype):
+    """Same outputs, norms and state as the materialised form; only tr(XXᵀ) on nnet2
+    updating calls (summed instead of reconstructed) differs, at roundoff level."""
+    tolerance = 1e-10 if dtype == np.float64 else 2e-5
+    batches = lowrank_batches(np.random.default_rng(10), 20, 48, 30, dtype)
+    a = OnlineNaturalGradient(6, 3, schedule=schedule)
+    b = OnlineNaturalGradient(6, 3, schedule=schedule)
+    for X in batches:
+        X_in = X.copy()
+        X_hat_a, gamma_a, rows_a = a.precondition_with_row_norms(X.copy())
+        X_hat_b, gamma_b, rows_b, call = factored_call(b, X)
+        np.testing.assert_array_equal(X, X_in)            # factored: input untouched
+        assert call.X_hat is None and call.row_sq_norms.dtype == np.float64
+        assert rel_err(X_hat_b, X_hat_a) <= tolerance
+        assert abs(gamma_b / gamma_a - 1) <= tolerance
+        assert rel_err(rows_b, rows_a) <= 10 * tolerance
+        assert (a.state.t, a.state.skipped) == (b.state.t, b.state.skipped)
+    assert rel_err(b.state.d, a.state.d) <= 10 * tolerance
+    assert abs(b.state.rho / a.state.rho - 1) <= 10 * tolerance
+
+
+def test_factored_row_norms_fall_back_when_they_would_cancel():
+    """alpha = 0 golden case: X lies almost inside the preconditioned subspace
+    (tr XXᵀ / tr X̂X̂ᵀ ~ 1e4), so the H-based norms would lose ~1e-3; the
+    direct recomputation keeps them within float32 roundoff of the materialised ones."""
+    cfg, z = load_golden("online_d100_n128_r20_p1_alpha0")
+    a, b = make(cfg, "nnet2"), make(cfg, "nnet2")
+    recomputed, worst = 0, 0.0
+    for i in range(cfg["num_batches"]):
+        X = z[f"in_{i:03d}"].astype(np.float32)
+        _, gamma_a, rows_a = a.precondition_with_row_norms(X.copy())
+        _, gamma_b, rows_b, call = factored_call(b, X)
+        recomputed += call.row_norms_recomputed
+        worst = max(worst, rel_err(rows_b, rows_a), abs(gamma_b / gamma_a - 1))
+    assert recomputed >= cfg["num_batches"] // 2
+    assert worst <= 1e-4
+
+
+def test_begin_end_split_host_values():
+    """host_values: [tr XXᵀ, tr X̂X̂ᵀ] on plain calls, then K and L on updating calls;
+    precondition_end accepts the host copy and returns gamma."""
+    rng = np.random.default_rng(11)
+    p = OnlineNaturalGradient(4, 3)
+    R = 4
+    for k, X in enumerate(lowrank_batches(rng, 16, 40, 12)):
+        updating = p._is_updating() if p.state.W is not None else True
+        call = p.precondition_begin(X.copy(), row_norms=True)
+        if p.state.rank:
+            assert call.updating == updating
+            assert call.host_values.shape == ((2 + 2 * R * R,) if call.updating else (2,))
+            tr_X = float(np.vdot(X, X))
+            if not call.updating or p.schedule == "nnet3":
+                assert call.host_values[0] == pytest.approx(tr_X, rel=1e-12)
+            assert call.host_values[1] == pytest.approx(float(np.vdot(call.X_hat, call.X_hat)),
+                                                        rel=1e-12)
+        gamma = p.precondition_end(call, np.array(call.host_values))
+        assert gamma == call.gamma and gamma == pytest.approx(
+            math.sqrt(np.vdot(X, X) / np.vdot(call.X_hat, call.X_hat)), rel=1e-12)
+    assert p.state.t == 10 + 2       # nnet2: 10 initial updates, then every 3rd call

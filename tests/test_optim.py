@@ -276,3 +276,42 @@ def test_training_lowers_objective_and_online_ng_beats_sgd(seed):
         assert initial == pytest.approx(-np.log(10), rel=1e-6)   # zero final layer
         assert final > initial + 0.5, (name, final)
     assert results["ng-online"][1] > results["sgd"][1] + 0.3, results
+
+
+@pytest.mark.parametrize("form", ["factored", "materialized"])
+def test_online_output_forms_match_kaldi(form, monkeypatch):
+    """Both ways of applying the output-side preconditioner (Ĝ formed, or
+    Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H-based row norms) reproduce Kaldi's
+    updates; "auto" picks by multiply-add count (the golden shape: materialised)."""
+    from ngsgd_mpi import optim
+    cfg, z = load_case(ONLINE_CASE)
+    original = optim.OnlineNgUpdater.__init__
+
+    def init(self, network, config):
+        original(self, network, config)
+        self.output_form = form
+
+    monkeypatch.setattr(optim.OnlineNgUpdater, "__init__", init)
+    ours, kaldi = replay(cfg, z, np.float32)
+    assert max(relative_errors(ours, kaldi)) <= 5e-5        # measured 2.45e-5 for both forms
+    clipped, _ = replay(cfg, z, np.float64, max_change_per_sample=1e-3)
+    for change in clipped:                                   # max-change from the H-based norms
+        assert np.linalg.norm(change) <= 1e-3 * 128 * (1 + 1e-9)
+
+
+def test_online_auto_form_by_cost():
+    """Factored exactly where (D_in + 1)(D_out + N) < FACTORED_MARGIN N D_out."""
+    from ngsgd_mpi import optim
+    net = Network(NetworkConfig(input_dim=40, num_classes=50, num_hidden_layers=1,
+                                pnorm_input_dim=1000, pnorm_output_dim=100), seed=0)
+    updater = make_updater(net, OptimizerConfig(name="ng-online"))
+    forms = []
+    for side in updater.output_side:
+        begin = side.precondition_begin
+        side.precondition_begin = lambda *a, begin=begin, **k: forms.append(k["factored"]) or begin(*a, **k)
+    X = np.random.default_rng(0).standard_normal((256, 40)).astype(np.float32)
+    net.train_gradients(X, np.arange(256) % 50)
+    updater.step(0.01)
+    # layer 0: 41 x (1000 + 256) < 0.85 x 256 x 1000; layer 1: 101 x (50 + 256) > 256 x 50
+    assert optim.FACTORED_MARGIN == 0.85
+    assert forms == [True, False]
