@@ -45,6 +45,8 @@ OPTIONS: dict[str, tuple] = {
     "ng_schedule": (str, "nnet2", "online NG update schedule: nnet2 (paper) or nnet3"),
     "simple_alpha": (float, 4.0, "simple NG: smoothing towards the identity"),
     "max_change": (float, 10.0, "simple NG: per-minibatch max parameter change (0 = off)"),
+    "max_param_change": (float, 0.0, "any optimizer: max norm of the change of all parameters per "
+                                     "minibatch, on top of the per-layer limits (0 = off)"),
     # schedule and averaging
     "minibatch_size": (int, 512, "frames per minibatch"),
     "samples_per_average": (int, 400_000, "samples per rank between parameter averages"),
@@ -143,7 +145,8 @@ def validate(cfg) -> None:
     for name in ("context", "threads_per_rank", "keep_last_k", "total_samples", "combine_last_k",
                  "max_divergence_retries"):
         need(getattr(cfg, name) >= 0, name, ">= 0")
-    for name in ("alpha", "simple_alpha", "max_change_per_sample", "max_change", "num_epochs",
+    for name in ("alpha", "simple_alpha", "max_change_per_sample", "max_change", "max_param_change",
+                 "num_epochs",
                  "outlier_threshold", "collective_timeout"):
         need(getattr(cfg, name) >= 0, name, ">= 0")
     need(0 < cfg.num_samples_history < 1e6, "num_samples_history", "in (0, 1e6)")

@@ -80,6 +80,8 @@ class OptimizerConfig:
     # simple NG (spec §3, §4.2; train_pnorm.sh defaults)
     simple_alpha: float = 4.0           # smoothing towards the identity
     max_change: float = 10.0            # change-norm limit per minibatch; 0 = off
+    # every updater (nnet3's max-param-change): limit on ||change of all parameters|| per minibatch
+    max_param_change: float = 0.0       # 0 = off
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,7 +107,7 @@ class OptimizerConfig:
             need(isinstance(getattr(self, name), (int, np.integer)) and getattr(self, name) >= 1,
                  name, "an integer >= 1")
         need(0 < self.num_samples_history < 1e6, "num_samples_history", "in (0, 1e6)")
-        for name in ("alpha", "max_change_per_sample", "simple_alpha", "max_change"):
+        for name in ("alpha", "max_change_per_sample", "simple_alpha", "max_change", "max_param_change"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
                  name, "a finite number >= 0")
@@ -127,14 +129,37 @@ class Updater(abc.ABC):
     def __init__(self, network, config: OptimizerConfig):
         self.network = network
         self.config = config
+        self._params_before = None     # reused buffer for max_param_change (not state)
 
     def step(self, lr: float) -> None:
+        limit = self.config.max_param_change
+        if limit > 0:
+            params = self.network.params
+            if self._params_before is None:
+                self._params_before = params.copy()
+            else:
+                self._params_before[...] = params
         for index, layer in enumerate(self.network.affine_layers):
             if layer.input is None or layer.out_deriv is None:
                 raise ValueError(f"step: affine layer {index} has no cached gradient "
                                  "(run network.train_gradients before each step)")
             self._update_layer(index, layer, float(lr))
             layer.input = layer.out_deriv = None
+        if limit > 0:
+            self._limit_total_change(limit)
+
+    def _limit_total_change(self, limit: float) -> None:
+        """Scale this step's change of all parameters down to norm ``limit`` if it is larger
+        (a safeguard on top of the per-layer limits; costs three passes over the parameters)."""
+        params, minus_change = self.network.params, self._params_before
+        minus_change -= params                         # old - new
+        xp = backend.array_module(params)
+        norm = float(xp.sqrt(xp.vdot(minus_change, minus_change)))
+        if not math.isfinite(norm):
+            raise FloatingPointError("non-finite parameter change (training diverged?)")
+        if norm > limit:                               # new <- old + (limit / norm) * (new - old)
+            minus_change *= minus_change.dtype.type(1.0 - limit / norm)
+            params += minus_change
 
     @abc.abstractmethod
     def _update_layer(self, index: int, layer, lr: float) -> None:

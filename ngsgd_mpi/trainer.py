@@ -260,7 +260,7 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
         name=cfg.optimizer, rank_in=cfg.rank_in, rank_out=cfg.rank_out, update_period=cfg.update_period,
         num_samples_history=cfg.num_samples_history, alpha=cfg.alpha,
         max_change_per_sample=cfg.max_change_per_sample, schedule=cfg.ng_schedule,
-        simple_alpha=cfg.simple_alpha, max_change=cfg.max_change))
+        simple_alpha=cfg.simple_alpha, max_change=cfg.max_change, max_param_change=cfg.max_param_change))
     batches_per_period = math.ceil(cfg.samples_per_average / cfg.minibatch_size)
     frames_per_period = batches_per_period * cfg.minibatch_size           # per rank
     samples_per_period = frames_per_period * dist.size                     # all ranks

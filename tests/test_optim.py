@@ -315,3 +315,29 @@ def test_online_auto_form_by_cost():
     # layer 0: 41 x (1000 + 256) < 0.85 x 256 x 1000; layer 1: 101 x (50 + 256) > 256 x 50
     assert optim.FACTORED_MARGIN == 0.85
     assert forms == [True, False]
+
+
+@pytest.mark.parametrize("name", ["sgd", "ng-online", "ng-simple"])
+def test_max_param_change_limits_the_total_step_and_keeps_its_direction(name):
+    cfg = NetworkConfig(input_dim=12, num_classes=5, num_hidden_layers=2, pnorm_input_dim=20,
+                        pnorm_output_dim=4)
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((64, 12)).astype(np.float32)
+    y = rng.integers(0, 5, 64)
+
+    def change(limit, lr):
+        net = Network(cfg, seed=1)
+        net.params[-5:] = 0.3                      # a non-zero output bias so every layer learns
+        before = net.params.copy()
+        updater = make_updater(net, OptimizerConfig(name=name, rank_in=3, rank_out=3,
+                                                    max_param_change=limit))
+        net.train_gradients(X, y)
+        updater.step(lr)
+        return (net.params - before).astype(np.float64)
+
+    free = change(0.0, 0.05)
+    norm = np.linalg.norm(free)
+    limited = change(0.25 * norm, 0.05)
+    np.testing.assert_allclose(np.linalg.norm(limited), 0.25 * norm, rtol=1e-4)
+    np.testing.assert_allclose(limited, 0.25 * free, atol=1e-5 * norm)
+    np.testing.assert_array_equal(change(2 * norm, 0.05), free)      # inactive: identical step
