@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import configargparse
 import yaml
@@ -181,11 +182,15 @@ def format_resolved(cfg) -> str:
 
 
 def train_paths(pattern: str) -> list[str]:
-    """Partition files from a glob or a directory, sorted (partition order matters)."""
+    """Partition files from a glob or a directory, in natural order (train.2 before
+    train.10; partition order decides which rank reads which file)."""
     import glob  # noqa: PLC0415
 
-    paths = sorted(glob.glob(os.path.join(pattern, "*.h5"))) if os.path.isdir(pattern) \
-        else sorted(glob.glob(pattern))
+    def natural(path):
+        return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path)]
+
+    found = glob.glob(os.path.join(pattern, "*.h5")) if os.path.isdir(pattern) else glob.glob(pattern)
+    paths = sorted(found, key=natural)
     if not paths:
         raise ConfigError(f"option train_data: no partition files match {pattern!r}")
     return paths

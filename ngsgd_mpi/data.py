@@ -326,7 +326,7 @@ class MinibatchStream:
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         return rng.permutation(len(self.windows)), rng
 
-    def _load(self, window: Window, rng):
+    def load_window(self, window: Window, rng):
         """Frames of one window in this epoch's order, with their utterance bounds."""
         info, f = self.infos[window.part], self._files[window.part]
         lo, hi = window.first_frame, window.first_frame + window.num_frames
@@ -354,7 +354,7 @@ class MinibatchStream:
                     if rng is not None:
                         rng.permutation(window.num_frames)  # keep the RNG sequence identical
                     continue
-                feats, labels, us, ue, perm = self._load(window, rng)
+                feats, labels, us, ue, perm = self.load_window(window, rng)
                 begin = max(0, skip - pos)
                 pos += begin
                 while begin < window.num_frames:
@@ -428,7 +428,7 @@ def iterate_utterance_blocks(info: PartitionInfo, context_left: int, context_rig
                              window_frames=block_frames, shuffle=False)
     try:
         for window in stream.windows:
-            feats, labels, us, ue, order = stream._load(window, None)
+            feats, labels, us, ue, order = stream.load_window(window, None)
             yield splice(feats, order, us, ue, offsets), labels.astype(np.int64)
     finally:
         stream.close()

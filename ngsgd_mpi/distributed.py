@@ -116,7 +116,7 @@ class Dist:
         with a message naming the ranks that did not (0 = no watchdog)."""
         if self.size == 1 or timeout <= 0:
             return
-        MPI, tag = self.MPI, 0x5EED
+        tag = 0x5EED
         token = np.zeros(1, np.int32)
         deadline = time.monotonic() + timeout
         if self.rank == 0:
@@ -162,10 +162,6 @@ class Dist:
         else:
             out[0] = arr
         return out
-
-    def broadcast_object(self, obj, root: int = 0):
-        """Small JSON-like objects only (mpi4py pickles them between our own ranks)."""
-        return self.comm.bcast(obj, root=root) if self.size > 1 else obj
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -39,6 +39,7 @@ import numpy as np
 
 from ngsgd_mpi import backend
 from ngsgd_mpi.layers import Affine, FixedAffine, Normalize, Pnorm, Relu, SoftmaxCrossEntropy
+from ngsgd_mpi.records import record_from_dict
 
 HIDDEN_BIAS_STDDEV = 0.5     # Kaldi recipes' bias-stddev for hidden affine layers
 
@@ -59,16 +60,7 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                raise ValueError(f"NetworkConfig: unknown key {key!r} (known: {sorted(names)})")
-        for field in dataclasses.fields(cls):
-            if field.default is dataclasses.MISSING and field.name not in d:
-                raise ValueError(f"NetworkConfig: missing required key {field.name!r}")
-        config = cls(**d)
-        config.validate()
-        return config
+        return record_from_dict(cls, d)
 
     def validate(self) -> None:
         def need(cond, name, what):

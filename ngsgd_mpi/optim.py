@@ -58,6 +58,7 @@ from ngsgd_mpi import backend
 from ngsgd_mpi.layers import matmul_add
 from ngsgd_mpi.ng_online import OnlineNaturalGradient
 from ngsgd_mpi.ng_simple import precondition_simple
+from ngsgd_mpi.records import record_from_dict
 
 OPTIMIZER_NAMES = ("sgd", "ng-online", "ng-simple")
 # ng-online: factor the output side only below this fraction of the materialised
@@ -88,13 +89,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OptimizerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                raise ValueError(f"OptimizerConfig: unknown key {key!r} (known: {sorted(names)})")
-        config = cls(**d)
-        config.validate()
-        return config
+        return record_from_dict(cls, d)
 
     def validate(self) -> None:
         def need(cond, name, what):

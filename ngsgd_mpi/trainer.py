@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -83,10 +82,6 @@ def agree(dist, step):
     if failed:
         raise SetupError("\n".join(failed))
     return result
-
-
-def natural_key(path: str):
-    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path)]
 
 
 def set_threads(cfg, dist) -> int:
@@ -187,8 +182,7 @@ class StopRequest:
 
 def load_data(cfg, dist):
     """Open and check this rank's partitions and (rank 0) the validation file."""
-    paths = sorted(config.train_paths(cfg.train_data), key=natural_key)
-    mine = data.partitions_for_rank(paths, dist.rank, dist.size)
+    mine = data.partitions_for_rank(config.train_paths(cfg.train_data), dist.rank, dist.size)
     infos = [data.open_partition(p) for p in mine]
     first = infos[0]
     for info in infos[1:]:

@@ -51,3 +51,19 @@ def run(cmd, timeout=180, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NGSGD_THREADS_PER_RANK="1")
     env.update(kwargs.pop("env", {}))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def crashed_copy(finished_run, out, keep):
+    """Copy of a finished run as a crash after its ``keep``-th checkpoint would leave it:
+    no final model, no later checkpoints.  Returns the checkpoints left."""
+    import os
+    import shutil
+
+    from ngsgd_mpi import checkpoint
+
+    shutil.copytree(finished_run, out)
+    os.remove(os.path.join(out, "final.h5"))
+    done = checkpoint.complete_checkpoints(out)
+    for ckpt in done[keep:]:
+        shutil.rmtree(ckpt.path)
+    return done[:keep]

@@ -71,9 +71,10 @@ def test_shipped_configs_parse():
 
 
 def test_train_paths(tmp_path):
-    for i in (0, 1):
+    for i in (0, 1, 2, 10):
         (tmp_path / f"train.{i}.h5").write_text("")
-    assert len(config.train_paths(str(tmp_path))) == 2
-    assert len(config.train_paths(str(tmp_path / "train.*.h5"))) == 2
+    expected = [str(tmp_path / f"train.{i}.h5") for i in (0, 1, 2, 10)]     # natural order
+    assert config.train_paths(str(tmp_path)) == expected
+    assert config.train_paths(str(tmp_path / "train.*.h5")) == expected
     with pytest.raises(config.ConfigError, match="no partition files match"):
         config.train_paths(str(tmp_path / "nothing*.h5"))

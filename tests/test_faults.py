@@ -1,9 +1,7 @@
 """Faults under the real mpiexec: signals, kill -9, torn checkpoint writes, divergence,
 hangs, Kaldi's safeguards, final combination, and restarting on another rank count."""
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -105,11 +103,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(dataset, referen
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(dataset, reference, tmp_path):
     out = str(tmp_path / "run")
-    shutil.copytree(reference, out)
-    os.remove(os.path.join(out, "final.h5"))
-    done = checkpoint.complete_checkpoints(out)
-    for ckpt in done[4:]:
-        shutil.rmtree(ckpt.path)
+    done = synthetic.crashed_copy(reference, out, keep=4)
     with open(os.path.join(done[3].path, "state-r0001.h5"), "r+b") as f:   # bit rot in rank 1's state
         f.seek(-100, os.SEEK_END)
         f.write(b"\0" * 50)
@@ -192,11 +186,7 @@ def test_training_combines_by_default(dataset, tmp_path):
 
 def test_restart_on_a_different_number_of_ranks(dataset, reference, tmp_path):
     out = str(tmp_path / "run")
-    shutil.copytree(reference, out)
-    os.remove(os.path.join(out, "final.h5"))
-    done = checkpoint.complete_checkpoints(out)
-    for ckpt in done[3:]:
-        shutil.rmtree(ckpt.path)
+    synthetic.crashed_copy(reference, out, keep=3)
     samples_before = metrics(reference)[2]["samples"]
     res = ok(mpi(4, "none", args_for(*dataset, out, num_epochs=3) + ["--resume"]))
     assert "written by 2 ranks with 4 ranks" in res.stdout

@@ -111,10 +111,7 @@ def test_resume_is_bit_identical(dataset, tmp_path, optimizer):
     mpirun(2, TRAIN + argv)
     done = checkpoint.complete_checkpoints(full)
     assert len(done) >= 3
-    shutil.copytree(full, part)                 # what a crash after checkpoint 2 leaves behind
-    os.remove(os.path.join(part, "final.h5"))
-    for ckpt in checkpoint.complete_checkpoints(part)[2:]:
-        shutil.rmtree(ckpt.path)
+    synthetic.crashed_copy(full, part, keep=2)
     res = mpirun(2, TRAIN + args_for(train_dir, valid, part, optimizer=optimizer) + ["--resume"])
     assert "resumed from checkpoint after period 2" in res.stdout
     assert np.array_equal(final_params(full), final_params(part))
