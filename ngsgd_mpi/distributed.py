@@ -170,6 +170,9 @@ class Dist:
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort makes the launcher kill every rank at once; give it a moment to forward
+        # what this rank just printed (seen lost under load with MPICH's hydra)
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
