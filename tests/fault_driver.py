@@ -7,7 +7,13 @@ FAULT is one of
     nan:RANK:PERIOD[:TIMES]   objective becomes NaN on RANK in PERIOD (1-based), the first TIMES tries
     kill_in_write:PERIOD      SIGKILL this process half-way through writing checkpoint PERIOD's model
     hang:RANK:PERIOD          RANK sleeps forever before the average closing PERIOD
-    pidfile:DIR               write DIR/rank<r>.pid at start (for tests that signal or kill a rank)
+    stop_at:RANK:PERIOD:BATCH RANK sends itself SIGUSR1 during minibatch BATCH of PERIOD (1-based)
+    wait_at:RANK:PERIOD:DIR   RANK writes DIR/rank<r>.pid, then DIR/rank<r>.waiting during minibatch 2
+                              of PERIOD and waits there until a stop signal arrives (or 120 s pass):
+                              the test signals or kills it at a known point instead of racing training
+
+stop_at and wait_at make the fault tests deterministic: where the stop lands never depends on
+how fast the machine is.
 """
 
 import os
@@ -22,9 +28,32 @@ def main():
     fault, args = sys.argv[1].split(":"), sys.argv[2:]
     rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     kind = fault[0]
-    if kind == "pidfile":
-        with open(os.path.join(fault[1], f"rank{rank}.pid"), "w") as f:
-            f.write(str(os.getpid()))
+    if kind in ("stop_at", "wait_at"):
+        target_rank, period = int(fault[1]), int(fault[2])
+        batch = int(fault[3]) if kind == "stop_at" else 2
+        if kind == "wait_at" and rank == target_rank:
+            with open(os.path.join(fault[3], f"rank{rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+        stops = []
+        original_init = trainer.StopRequest.__init__
+
+        def init(self):
+            original_init(self)
+            stops.append(self)
+        trainer.StopRequest.__init__ = init
+        original_step = trainer.train_step
+
+        def train_step(network, updater, batch_, lr, prog):
+            if rank == target_rank and prog.period + 1 == period and prog.batch + 1 == batch:
+                if kind == "stop_at":
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                else:
+                    open(os.path.join(fault[3], f"rank{rank}.waiting"), "w").close()
+                    deadline = time.monotonic() + 120
+                    while not stops[0].requested and time.monotonic() < deadline:
+                        time.sleep(0.01)
+            return original_step(network, updater, batch_, lr, prog)
+        trainer.train_step = train_step
     elif kind == "nan":
         bad_rank, bad_period = int(fault[1]), int(fault[2])
         times = [int(fault[3]) if len(fault) > 3 else 1]

@@ -56,15 +56,15 @@ def start(n, fault, argv):
 def test_signal_on_one_rank_checkpoints_all_and_resume_is_bit_identical(dataset, reference, tmp_path, sig):
     out = str(tmp_path / "run")
     argv = args_for(*dataset, out, num_epochs=3, signal_check_every=1)
-    proc = start(2, f"pidfile:{tmp_path}", argv)
+    proc = start(2, f"wait_at:1:3:{tmp_path}", argv)
     try:
-        wait_for(lambda: len(checkpoint.complete_checkpoints(out)) >= 2)
+        wait_for(lambda: (tmp_path / "rank1.waiting").exists())
         os.kill(int((tmp_path / "rank1.pid").read_text()), sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == trainer.EXIT_STOPPED, stdout + stderr
-    assert "stopped on signal" in stdout
+    assert "stopped on signal in period 3 after minibatch 2" in stdout
     assert not os.path.exists(os.path.join(out, "final.h5"))
     res = ok(mpi(2, "none", argv + ["--resume"]))
     assert "resumed from checkpoint" in res.stdout
@@ -74,9 +74,9 @@ def test_signal_on_one_rank_checkpoints_all_and_resume_is_bit_identical(dataset,
 def test_kill_9_of_one_rank_ends_the_job_and_resume_is_bit_identical(dataset, reference, tmp_path):
     out = str(tmp_path / "run")
     argv = args_for(*dataset, out, num_epochs=3)
-    proc = start(2, f"pidfile:{tmp_path}", argv)
+    proc = start(2, f"wait_at:1:3:{tmp_path}", argv)
     try:
-        wait_for(lambda: len(checkpoint.complete_checkpoints(out)) >= 2)
+        wait_for(lambda: (tmp_path / "rank1.waiting").exists())
         t0 = time.monotonic()
         os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
         proc.communicate(timeout=30)
@@ -84,6 +84,7 @@ def test_kill_9_of_one_rank_ends_the_job_and_resume_is_bit_identical(dataset, re
     finally:
         proc.kill()
     assert proc.returncode != 0
+    assert [c.period for c in checkpoint.complete_checkpoints(out)] == [1, 2]
     ok(mpi(2, "none", argv + ["--resume"]))
     assert np.array_equal(final_params(out), final_params(reference))
 
@@ -206,14 +207,9 @@ def test_stop_at_a_period_boundary_between_scheduled_checkpoints(dataset, tmp_pa
     ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
     ok(mpi(2, "none", args_for(*dataset, ref, **opts)))
     argv = args_for(*dataset, out, **opts)
-    proc = start(2, f"pidfile:{tmp_path}", argv)
-    try:
-        wait_for(lambda: any(c.period >= 6 for c in checkpoint.complete_checkpoints(out)))
-        os.kill(int((tmp_path / "rank0.pid").read_text()), signal.SIGUSR1)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == trainer.EXIT_STOPPED, stdout + stderr
+    res = mpi(2, "stop_at:0:6:1", argv)          # period 6: not a multiple of checkpoint_every
+    assert res.returncode == trainer.EXIT_STOPPED, res.stdout + res.stderr
+    assert "stopped on signal after period 6" in res.stdout
     assert not checkpoint.complete_checkpoints(out)[-1].scheduled
     ok(mpi(2, "none", argv + ["--resume"]))
     assert np.array_equal(final_params(out), final_params(ref))
