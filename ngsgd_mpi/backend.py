@@ -1,41 +1,81 @@
-"""Array backend: the one module that knows about CuPy.
+"""Array backend: the one module that knows which library holds the arrays.
 
-Every array operation in ngsgd_mpi is written against an array-module object
-``xp`` with the NumPy API.  On the CPU ``xp`` is :mod:`numpy`; on a GPU it is
-:mod:`cupy`.  The choice is made once per process with :func:`use_device`
-(from the ``device: cpu|gpu`` config option); math code asks
-:func:`array_module` for the module that owns the arrays it was handed, so a
-preconditioner fed NumPy arrays works with NumPy even in a GPU process (used
-by tests and by host-side reference code).
+Every array operation in ngsgd_mpi is written against an array module ``xp``
+with the NumPy API.  The choice is made once per process with
+:func:`use_device` (the ``device: cpu|gpu`` config option):
 
-No other module imports cupy.  GPU paths have NOT been run on a real GPU in
-this project's CI (there is none); they are exercised with NumPy and, for the
-MPI glue, with a fake device array exposing ``__cuda_array_interface__``.
+* ``"cpu"``: :mod:`numpy`;
+* ``"gpu"``: :mod:`cupy` (the only import of cupy in the package);
+* ``"standin"``: :mod:`ngsgd_mpi.standin`, NumPy behind a device wall that
+  counts host transfers and rejects what CuPy rejects (tests; whole runs with
+  ``NGSGD_GPU_STANDIN=1``, which makes ``"gpu"`` select it -- ``=raise``
+  also makes implicit host synchronisations raise).
+
+Math code asks :func:`array_module` for the module that owns the arrays it
+was handed, so a preconditioner fed NumPy arrays works with NumPy even in a
+GPU process (tests and host-side reference code rely on this).
+
+Host transfers go through :func:`to_host` / :func:`to_device` /
+:func:`synchronize`; for device arrays they are counted
+(:func:`transfer_counts`), which is how the GPU self-test and the stand-in
+tests check the design of one small transfer per layer per Fisher update.
+
+:func:`spd_inverse` is the one factorisation the engine needs on the device
+(simple NG): Cholesky + inverse (LAPACK potrf + potri, Kaldi's
+``SymInvertPosDef``), through NumPy's own OpenBLAS on the CPU -- one BLAS
+and one thread pool (a second OpenBLAS, e.g. SciPy's, busy-waits against
+NumPy's with 2 threads: see docs/benchmarks.md) -- with ``numpy.linalg.inv``
+as the fallback where that library does not export LAPACKE.
+
+GPU paths have NOT run on a real GPU in this project (there is none); the
+stand-in checks where data moves, and tests run the engine on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import warnings
+
 import numpy as np
 
 _cupy = None          # the cupy module once a GPU device is selected
+_standin = None       # ngsgd_mpi.standin once the stand-in is selected (or imported for a check)
 _device = "cpu"
+_counts = {"to_host": 0, "to_device": 0, "synchronize": 0}
+_forbidding_syncs = False
+DEVICES = ("cpu", "gpu", "standin")
 
 
 def use_device(device: str) -> None:
-    """Select ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy) for arrays created from now on."""
+    """Select ``"cpu"`` (NumPy), ``"gpu"`` (CuPy) or ``"standin"`` for arrays created from now on."""
     global _cupy, _device
-    if device == "cpu":
-        _device = "cpu"
-        return
-    if device != "gpu":
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    try:
-        import cupy  # noqa: PLC0415 - the single import of cupy in the package
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise RuntimeError("device: gpu needs CuPy (pip install 'ngsgd_mpi[gpu]')") from exc
-    if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover
-        raise RuntimeError("device: gpu was requested but CUDA reports no GPU")
-    _cupy, _device = cupy, "gpu"
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "gpu" and os.environ.get("NGSGD_GPU_STANDIN", "") not in ("", "0"):
+        _load_standin().set_implicit_syncs(
+            "raise" if os.environ["NGSGD_GPU_STANDIN"] == "raise" else "count")
+        device = "standin"
+    if device == "standin":
+        _load_standin()
+    elif device == "gpu":
+        try:
+            import cupy  # noqa: PLC0415 - the single import of cupy in the package
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise RuntimeError("device: gpu needs CuPy (pip install 'ngsgd_mpi[gpu]')") from exc
+        if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover
+            raise RuntimeError("device: gpu was requested but CUDA reports no GPU")
+        _cupy = cupy
+    _device = device
+
+
+def _load_standin():
+    global _standin
+    if _standin is None:
+        from ngsgd_mpi import standin  # noqa: PLC0415 - only when asked for
+        _standin = standin
+    return _standin
 
 
 def device() -> str:
@@ -43,36 +83,176 @@ def device() -> str:
 
 
 def xp():
-    """The array module for new arrays: numpy, or cupy after ``use_device('gpu')``."""
-    return _cupy if _device == "gpu" else np
+    """The array module for new arrays (numpy, cupy or the stand-in's)."""
+    if _device == "gpu":
+        return _cupy
+    if _device == "standin":
+        return _standin.xp
+    return np
 
 
 def array_module(array):
     """The array module that owns ``array`` (numpy for host arrays)."""
+    if _standin is not None and isinstance(array, _standin.DeviceArray):
+        return _standin.xp
     if _cupy is not None and isinstance(array, _cupy.ndarray):
         return _cupy
     return np
 
 
 def is_device_array(array) -> bool:
-    """True for arrays in GPU memory (anything exposing ``__cuda_array_interface__``)."""
+    """True for arrays in device memory (CuPy, anything exposing
+    ``__cuda_array_interface__``, and stand-in arrays)."""
+    if _standin is not None and isinstance(array, _standin.DeviceArray):
+        return True
     return hasattr(array, "__cuda_array_interface__")
 
 
 def to_host(array) -> np.ndarray:
-    """A NumPy copy/view of ``array`` (one device-to-host transfer for GPU arrays)."""
+    """A NumPy copy of a device array (one counted device-to-host transfer);
+    host arrays are returned as they are (``numpy.asarray``)."""
+    if _standin is not None and isinstance(array, _standin.DeviceArray):
+        _counts["to_host"] += 1
+        return array.get()
     if _cupy is not None and isinstance(array, _cupy.ndarray):
-        return _cupy.asnumpy(array)
+        _counts["to_host"] += 1
+        with _syncs_allowed():
+            return _cupy.asnumpy(array)
     return np.asarray(array)
 
 
-def to_device(array, dtype=None):
-    """``array`` as an array of the selected backend."""
-    return xp().asarray(array, dtype=dtype)
+def to_device(array, dtype=None, like=None):
+    """``array`` on the selected device (or on the device of ``like``), as
+    ``dtype``: a counted upload for host data going to a device."""
+    module = xp() if like is None else array_module(like)
+    if module is not np and not is_device_array(array):
+        _counts["to_device"] += 1
+    return module.asarray(array, dtype=dtype)
 
 
 def synchronize() -> None:
-    """Wait for queued GPU work (a no-op on the CPU).  Call before handing
+    """Wait for queued device work (a no-op on the CPU).  Call before handing
     device memory to MPI: the library reads it outside the CUDA stream."""
-    if _cupy is not None and _device == "gpu":
-        _cupy.cuda.get_current_stream().synchronize()
+    if _device == "gpu":
+        _counts["synchronize"] += 1
+        with _syncs_allowed():
+            _cupy.cuda.get_current_stream().synchronize()
+    elif _device == "standin":
+        _counts["synchronize"] += 1
+        _standin.note_stream_sync()
+
+
+def transfer_counts() -> dict:
+    """Counted device transfers so far: ``{"to_host", "to_device", "synchronize"}``."""
+    return dict(_counts)
+
+
+@contextlib.contextmanager
+def implicit_syncs_forbidden():
+    """Inside, a host read of device data other than :func:`to_host` raises
+    (stand-in: ``standin.ImplicitSync``; CuPy: ``cupyx.DeviceSynchronized``,
+    which CuPy detects for transfers it makes itself).  No effect on NumPy."""
+    global _forbidding_syncs
+    if _device == "standin":
+        with _standin.implicit_syncs("raise"):
+            yield
+    elif _device == "gpu":
+        import cupyx  # noqa: PLC0415
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # allow_synchronize is deprecated in CuPy
+            previous, _forbidding_syncs = _forbidding_syncs, True
+            try:
+                with cupyx.allow_synchronize(False):
+                    yield
+            finally:
+                _forbidding_syncs = previous
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _syncs_allowed():
+    if not _forbidding_syncs:
+        yield
+        return
+    import cupyx  # noqa: PLC0415
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with cupyx.allow_synchronize(True):
+            yield
+
+
+# ----------------------------------------------------------------------------- linear algebra
+
+def spd_inverse(S):
+    """The inverse of a symmetric positive definite matrix (float32/float64,
+    n x n), as a new array on S's device.  Host: Cholesky (potrf) and its
+    inverse (potri) in NumPy's OpenBLAS, numpy.linalg.LinAlgError if S is not
+    positive definite; CuPy: ``cupy.linalg.inv`` (no host check)."""
+    module = array_module(S)
+    if module is np:
+        return _host_spd_inverse(S)
+    if _standin is not None and module is _standin.xp:
+        return _standin.run_on_device(_host_spd_inverse, S)
+    return module.linalg.inv(S)
+
+
+_LAPACK_ROUTINES = None        # {dtype: (potrf, potri)} or {} when LAPACKE is not reachable
+_COL_MAJOR = 102
+
+
+def _lapack_routines():
+    """potrf/potri of the OpenBLAS NumPy itself uses (LAPACKE ``_work`` entry
+    points: no NaN scan, no transposed copy), or {} (then numpy.linalg.inv)."""
+    global _LAPACK_ROUTINES
+    if _LAPACK_ROUTINES is not None:
+        return _LAPACK_ROUTINES
+    _LAPACK_ROUTINES = {}
+    try:
+        from threadpoolctl import threadpool_info  # noqa: PLC0415
+        numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+        paths = [lib["filepath"] for lib in threadpool_info()     # NumPy's own, not SciPy's
+                 if lib.get("internal_api") == "openblas"
+                 and os.path.relpath(lib["filepath"], numpy_dir).startswith("numpy")]
+        for path in paths:
+            library = ctypes.CDLL(path)
+            for prefix, suffix, int_type in (("scipy_", "64_", ctypes.c_int64),
+                                             ("", "64_", ctypes.c_int64), ("", "", ctypes.c_int32)):
+                names = {t: (f"{prefix}LAPACKE_{t}potrf_work{suffix}",
+                             f"{prefix}LAPACKE_{t}potri_work{suffix}") for t in "sd"}
+                if not all(hasattr(library, n) for pair in names.values() for n in pair):
+                    continue
+                for t, dtype in (("s", np.float32), ("d", np.float64)):
+                    pair = []
+                    for name in names[t]:
+                        routine = getattr(library, name)
+                        routine.restype = int_type
+                        routine.argtypes = (ctypes.c_int, ctypes.c_char, int_type, ctypes.c_void_p,
+                                            int_type)
+                        pair.append(routine)
+                    _LAPACK_ROUTINES[np.dtype(dtype)] = tuple(pair)
+                return _LAPACK_ROUTINES
+    except (OSError, ImportError):        # pragma: no cover - an unusual NumPy build
+        _LAPACK_ROUTINES = {}
+    return _LAPACK_ROUTINES
+
+
+def _host_spd_inverse(S: np.ndarray) -> np.ndarray:
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"spd_inverse: expected a square matrix, got shape {S.shape}")
+    routines = _lapack_routines().get(S.dtype)
+    if routines is None:
+        return np.linalg.inv(S)
+    potrf, potri = routines
+    n = S.shape[0]
+    # A C-ordered symmetric matrix read as column-major is the same matrix; 'L'
+    # in column-major order is the upper triangle in C order.
+    A = np.array(S, order="C", copy=True)
+    info = potrf(_COL_MAJOR, b"L", n, A.ctypes.data, n)
+    if info == 0:
+        info = potri(_COL_MAJOR, b"L", n, A.ctypes.data, n)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"spd_inverse: matrix is not positive definite (LAPACK info {info})")
+    inverse = np.triu(A)
+    inverse += np.triu(A, 1).T
+    return inverse

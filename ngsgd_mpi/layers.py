@@ -20,11 +20,16 @@ each class says which.  In a network every such array is a private
 intermediate, so this is safe; tests pass copies.
 
 Buffers (also for speed): in training mode (``train=True``) a layer writes
-its output, and Affine its input derivative, into arrays it keeps and reuses
-on its next training pass, so a training step allocates no large arrays
-(fresh large allocations cost page faults: ~6 % of a paper-size step).  A
-training-mode result is therefore valid until the layer's next training
-forward; ``train=False`` always returns new arrays.
+its output, and Affine its input derivative, into arrays of its
+:class:`~ngsgd_mpi.workspace.Workspace` (``layer.work``) and reuses them on its
+next training pass, so a training step allocates no large arrays (fresh large
+allocations cost page faults: ~6 % of a paper-size step).  A training-mode
+result is therefore valid until the layer's next training forward;
+``train=False`` always returns new arrays.
+
+Device arrays: nothing here reads device data on the host, and only CuPy's
+subset of the NumPy API is used (e.g. no ``einsum(out=...)``); the
+stand-in tests (tests/test_backend.py) run every layer on a device stand-in.
 
 :func:`matmul_add` (``C += alpha A B`` through a reusable product buffer)
 serves the updaters.  Every GEMM goes through the array module's own BLAS
@@ -62,6 +67,7 @@ from __future__ import annotations
 import math
 
 from ngsgd_mpi import backend
+from ngsgd_mpi.workspace import Workspace
 
 # Kaldi's floor on the mean square of a row in NormalizePerRow (2^-66), so the
 # largest scale Normalize applies is 2^33.
@@ -85,14 +91,6 @@ def matmul_add(C, A, B, alpha: float = 1.0, work=None):
         product *= alpha
     C += product
     return C
-
-
-def _reusable(buffer, shape, dtype, xp):
-    """``buffer`` if it is an ``xp`` array of this shape and dtype, else a new one."""
-    if (buffer is None or buffer.shape != shape or buffer.dtype != dtype
-            or backend.array_module(buffer) is not xp):
-        buffer = xp.empty(shape, dtype=dtype)
-    return buffer
 
 
 def _check_matrix(X, dim: int, what: str) -> None:
@@ -126,7 +124,7 @@ class Affine:
         self.bias = bias
         self.input = None
         self.out_deriv = None
-        self._y = self._in_deriv = None
+        self.work = Workspace()
 
     @property
     def input_dim(self) -> int:
@@ -140,11 +138,11 @@ class Affine:
         _check_matrix(X, self.input_dim, "Affine.forward input")
         xp = backend.array_module(X)
         shape, dtype = (X.shape[0], self.output_dim), xp.result_type(X.dtype, self.linear.dtype)
-        Y = _reusable(self._y, shape, dtype, xp) if train else xp.empty(shape, dtype)
+        Y = self.work.array("output", shape, dtype, xp) if train else xp.empty(shape, dtype)
         Y = xp.matmul(X, self.linear.T, out=Y)
         Y += self.bias
         if train:
-            self.input, self._y = X, Y    # X is a reference: it is not modified afterwards
+            self.input = X                # a reference: it is not modified afterwards
         return Y
 
     def backward(self, out_deriv, need_input_deriv: bool = True):
@@ -157,8 +155,7 @@ class Affine:
         xp = backend.array_module(out_deriv)
         shape = (out_deriv.shape[0], self.input_dim)
         dtype = xp.result_type(out_deriv.dtype, self.linear.dtype)
-        self._in_deriv = _reusable(self._in_deriv, shape, dtype, xp)
-        return xp.matmul(out_deriv, self.linear, out=self._in_deriv)
+        return xp.matmul(out_deriv, self.linear, out=self.work.array("in_deriv", shape, dtype, xp))
 
 
 class FixedAffine:
@@ -178,7 +175,7 @@ class FixedAffine:
         if mean.ndim != 1 or std.shape != mean.shape:
             raise ValueError(f"FixedAffine.from_mean_std: mean and std must be vectors of one "
                              f"length, got {tuple(mean.shape)} and {tuple(std.shape)}")
-        if not bool(xp.all(std > 0)):
+        if not backend.to_host(xp.all(std > 0)):           # set-up: one explicit transfer
             raise ValueError("FixedAffine.from_mean_std: std must be > 0 in every dimension")
         inv_std = 1.0 / std
         return cls(xp.diag(inv_std), -mean * inv_std)
@@ -216,7 +213,7 @@ class Pnorm:
         self.group_size = input_dim // output_dim
         self.p = float(p)
         self._x = self._y = None
-        self._out = None
+        self.work = Workspace()
 
     def _groups(self, X):
         return X.reshape(X.shape[0], self.output_dim, self.group_size)
@@ -228,11 +225,8 @@ class Pnorm:
         x = self._groups(X)
         if self.p == 2.0:
             shape, dtype = (X.shape[0], self.output_dim), X.dtype
-            if train:
-                Y = self._out = _reusable(self._out, shape, dtype, xp)
-            else:
-                Y = xp.empty(shape, dtype)
-            xp.sqrt(xp.einsum("nmg,nmg->nm", x, x, out=Y), out=Y)
+            Y = self.work.array("output", shape, dtype, xp) if train else None
+            Y = xp.sqrt(xp.einsum("nmg,nmg->nm", x, x), out=Y)
         elif self.p == 1.0:
             Y = xp.abs(x).sum(axis=2)
         elif self.p == math.inf:
@@ -286,7 +280,7 @@ class Normalize:
     def __init__(self, dim: int):
         self.dim = dim
         self._x = self._scale = None
-        self._out = None
+        self.work = Workspace()
 
     def forward(self, X, train: bool = True):
         _check_matrix(X, self.dim, "Normalize.forward input")
@@ -295,9 +289,8 @@ class Normalize:
         mean_square *= 1.0 / self.dim
         xp.maximum(mean_square, NORMALIZE_SQUARED_NORM_FLOOR, out=mean_square)
         scale = mean_square ** -0.5
-        if train:
-            self._out = _reusable(self._out, X.shape, X.dtype, xp)
-        Y = xp.multiply(X, scale[:, None], out=self._out if train else None)
+        out = self.work.array("output", X.shape, X.dtype, xp) if train else None
+        Y = xp.multiply(X, scale[:, None], out=out)
         if train:
             self._x, self._scale = X, scale
         return Y
@@ -395,16 +388,15 @@ class SoftmaxCrossEntropy:
     def __init__(self, dim: int):
         self.dim = dim
         self._p = None
-        self._log_probs = self._probs = None
+        self.work = Workspace()
 
     def forward(self, X, train: bool = True):
         """Return ``log p`` (N x C), computed as ``x - max - log(sum exp)``."""
         _check_matrix(X, self.dim, "SoftmaxCrossEntropy.forward input")
         xp = backend.array_module(X)
         if train:
-            self._log_probs = _reusable(self._log_probs, X.shape, X.dtype, xp)
-            self._probs = _reusable(self._probs, X.shape, X.dtype, xp)
-            log_probs, exps, sums = _shifted_exp(X, self._log_probs, self._probs)
+            log_probs, exps, sums = _shifted_exp(X, self.work.array("log_probs", X.shape, X.dtype, xp),
+                                                 self.work.array("probs", X.shape, X.dtype, xp))
         else:
             log_probs, exps, sums = _shifted_exp(X)
         log_probs -= xp.log(sums)

@@ -1,68 +1,78 @@
 """Updaters: apply one minibatch's (preconditioned) gradient to ``network.params``.
 
-Each affine layer ``Y = X A^T + b`` hands the updater its input X (N x D_in)
+Each affine layer ``Y = X Aᵀ + b`` hands the updater its input X (N x D_in)
 and output derivative G (N x D_out), left there by ``Network.backward``
 (pre-update parameters).  The bias is the weight of a constant input 1, so
-with ``Xe = [X, 1]`` the summed gradient of ``[A, b]`` is ``G^T Xe``.
+with ``Xe = [X, 1]`` the summed gradient of ``[A, b]`` is ``Gᵀ Xe``.
 nnet2 maximises the objective, so every update is ``param += lr * direction``.
 
-* ``sgd`` (Kaldi AffineComponent, spec §4.3)::
+* ``sgd`` (Kaldi AffineComponent)::
 
-      b += lr * sum_n G_n ;   A += lr * G^T X
+      b += lr Σ_n g_n ;   A += lr Gᵀ X                                      (U1)
 
-* ``ng-online`` (AffineComponentPreconditionedOnline, spec §4.1): the Fisher
-  matrix of ``[A, b]`` is approximated by a Kronecker product of an input-side
-  factor (over rows of Xe) and an output-side factor (over rows of G), each
-  tracked by an :class:`OnlineNaturalGradient`.  Per minibatch::
+* ``ng-online`` (AffineComponentPreconditionedOnline, the paper's method):
+  the Fisher matrix of ``[A, b]`` is approximated by a Kronecker product of
+  an input-side factor (over rows of Xe) and an output-side factor (over rows
+  of G), each tracked by an :class:`~ngsgd_mpi.ng_online.OnlineNaturalGradient`
+  (its equations (O1)-(O12))::
 
-      Xhat, gamma_in,  rin  = P_in.precondition(Xe)     # rank rank_in, dim D_in + 1
-      Ghat, gamma_out, rout = P_out.precondition(G)     # rank rank_out, dim D_out
-      s      = gamma_in * gamma_out                     # restores the Frobenius norms
-      total  = s * lr * sum_n sqrt(rin_n * rout_n)      # bound on the change norm
-      mscale = min(1, max_change_per_sample * N / total)
-      [A, b] += (s * mscale * lr) * Ghat^T Xhat
+      X̂, γ_in,  r_in  = P_in(Xe)        Ĝ, γ_out, r_out = P_out(G)          (U2)
+      s      = γ_in γ_out                        (restores the Frobenius norms)
+      total  = s lr Σ_n sqrt(r_in,n r_out,n)     (a bound on the change norm)
+      mscale = min(1, max_change_per_sample N / total)
+      [A, b] += (s mscale lr) Ĝᵀ X̂                                          (U3)
 
-  ``rin``, ``rout`` are the squared row norms of the unscaled Xhat, Ghat, so
-  ``s * sqrt(rin_n rout_n)`` is the norm of sample n's rank-one change.
+  r_in, r_out are the squared row norms of the unscaled X̂, Ĝ (O3), so
+  s sqrt(r_in,n r_out,n) is the norm of sample n's rank-one change.
 
-* ``ng-simple`` (AffineComponentPreconditioned, spec §4.2): each row of Xe
-  and of G is multiplied by the inverse of a Fisher factor estimated from
-  the *other* rows of the same minibatch (:func:`precondition_simple`,
-  Frobenius norm preserved), and the whole minibatch's change is limited::
+* ``ng-simple`` (AffineComponentPreconditioned): each row of Xe and of G is
+  multiplied by the inverse of a Fisher factor estimated from the *other*
+  rows of the minibatch (ng_simple.py, (S1)-(S7), Frobenius norm
+  preserved), and the whole minibatch's change is limited::
 
-      total  = lr * sum_n ||Xp_n|| ||Gp_n||
+      total  = lr Σ_n ||xp_n|| ||gp_n||
       mscale = min(1, max_change / total)
-      [A, b] += (mscale * lr) * Gp^T Xp
+      [A, b] += (mscale lr) Gpᵀ Xp                                          (U4)
+
+  When N < D_out and D_in + 1 < D_out, Gp is left unformed (S4)-(S6):
+  Gpᵀ Xp = Gᵀ (S⁻¹ diag(β) Xp) costs N²(D_in + 1) instead of N² D_out.
+
+* every updater (nnet3's max-param-change): the step's change of all
+  parameters is scaled to norm ``max_param_change`` if it is larger.     (U5)
+
+Host synchronisation: none.  γ, the max-change factors and (U5) are device
+scalars applied on the device; the only device-to-host transfer in a step is
+ng-online's, on minibatches whose preconditioners update their Fisher
+factors: ONE per affine layer, both sides together (``DeferredUpdates``).
+Non-finite values are not checked here (that would read the device): they
+propagate into the parameters, where the trainer's per-minibatch objective
+check and end-of-period ``params_finite`` catch a divergence; a non-finite
+Fisher update raises FloatingPointError on the host.
 
 ``step`` consumes the gradients cached by ``network.backward``: G is
 preconditioned in place and the cache is released, so a second ``step``
 without a new backward pass raises an error instead of repeating an update.
 
-State (``state_dict``): only the online preconditioners have any (their
-``W``, ``d``, ``rho`` and counters, per layer and side, under keys
-``layer{i}/in/...`` and ``layer{i}/out/...``).  Kaldi does not save it with
-the model and re-initialises it whenever a job starts from a freshly
-averaged model; :meth:`Updater.reset` does the same.
+State (``state_dict``): nested, ``{"name": ..., "layers": [...]}``; only the
+online preconditioners have any (per layer ``{"input": ..., "output": ...}``,
+each ``OnlineNaturalGradient.state_dict()``).  Kaldi does not save it with the
+model and re-initialises it whenever a job starts from a freshly averaged
+model; :meth:`Updater.reset` does the same.  Work arrays live in workspaces
+(``workspace.py``), never next to the state.
 """
 
 from __future__ import annotations
 
 import abc
-import math
 
 import numpy as np
 
-from ngsgd_mpi import backend
+from ngsgd_mpi import backend, costs
 from ngsgd_mpi.layers import matmul_add
-from ngsgd_mpi.ng_online import OnlineNaturalGradient
-from ngsgd_mpi.ng_simple import precondition_simple
+from ngsgd_mpi.ng_online import DeferredUpdates, LowRankResidual, OnlineNaturalGradient
+from ngsgd_mpi.ng_simple import leave_one_out
 from ngsgd_mpi.options import in_groups, record_class
-
-# ng-online: factor the output side only below this fraction of the materialised
-# form's multiply-adds (its extra D_out x D_in pass; measured: 512 x 3000 layers
-# gain, 128 x (101 -> 1000) at 0.89 loses 2 %).
-FACTORED_MARGIN = 0.85
-
+from ngsgd_mpi.workspace import Workspace
 
 OptimizerConfig = record_class("OptimizerConfig", in_groups("optimizer"),
                                doc="The updater: the 'optimizer' options of options.py.")
@@ -82,16 +92,15 @@ class Updater(abc.ABC):
     def __init__(self, network, config: OptimizerConfig):
         self.network = network
         self.config = config
-        self._params_before = None     # reused buffer for max_param_change (not state)
+        self.work = Workspace()         # the updater's reused arrays (never state)
 
     def step(self, lr: float) -> None:
         limit = self.config.max_param_change
+        params = self.network.params
+        xp = backend.array_module(params)
         if limit > 0:
-            params = self.network.params
-            if self._params_before is None:
-                self._params_before = params.copy()
-            else:
-                self._params_before[...] = params
+            before = self.work.array("params_before", params.shape, params.dtype, xp)
+            before[...] = params
         for index, layer in enumerate(self.network.affine_layers):
             if layer.input is None or layer.out_deriv is None:
                 raise ValueError(f"step: affine layer {index} has no cached gradient "
@@ -99,24 +108,20 @@ class Updater(abc.ABC):
             self._update_layer(index, layer, float(lr))
             layer.input = layer.out_deriv = None
         if limit > 0:
-            self._limit_total_change(limit)
-
-    def _limit_total_change(self, limit: float) -> None:
-        """Scale this step's change of all parameters down to norm ``limit`` if it is larger
-        (a safeguard on top of the per-layer limits; costs three passes over the parameters)."""
-        params, minus_change = self.network.params, self._params_before
-        minus_change -= params                         # old - new
-        xp = backend.array_module(params)
-        norm = float(xp.sqrt(xp.vdot(minus_change, minus_change)))
-        if not math.isfinite(norm):
-            raise FloatingPointError("non-finite parameter change (training diverged?)")
-        if norm > limit:                               # new <- old + (limit / norm) * (new - old)
-            minus_change *= minus_change.dtype.type(1.0 - limit / norm)
-            params += minus_change
+            _limit_total_change(params, before, limit)
 
     @abc.abstractmethod
     def _update_layer(self, index: int, layer, lr: float) -> None:
         """Apply this minibatch's update to one affine layer (its X, G are cached on it)."""
+
+    def _extended(self, X):
+        """``[X, 1]`` in a reused N x (D_in + 1) buffer."""
+        xp = backend.array_module(X)
+        rows, dim = X.shape
+        xe = self.work.array("extended", (rows, dim + 1), X.dtype, xp)
+        xe[:, :dim] = X
+        xe[:, dim] = 1.0
+        return xe
 
     def state_dict(self) -> dict:
         """Nested state: ``{"name": ..., "layers": [per-layer state, ...]}`` (no layers when stateless)."""
@@ -128,79 +133,81 @@ class Updater(abc.ABC):
                              f"this updater is {self.config.optimizer!r}")
         if set(state) != {"name", "layers"}:
             raise ValueError(f"optimizer state: expected the keys name and layers, got {sorted(state)}")
+        if len(_layer_list(state["layers"])) != 0:
+            raise ValueError(f"optimizer state: {self.config.optimizer} has no per-layer state")
 
     def reset(self) -> None:
         """Forget optimiser state (nothing for the stateless updaters)."""
 
 
-def _with_ones_column(X, out=None):
-    """``[X, 1]`` written into ``out`` (reused if it has the right shape)."""
-    xp = backend.array_module(X)
-    rows, dim = X.shape
-    if out is None or out.shape != (rows, dim + 1) or out.dtype != X.dtype:
-        out = xp.empty((rows, dim + 1), dtype=X.dtype)
-    out[:, :dim] = X
-    out[:, dim] = 1.0
-    return out
+def _limit_total_change(params, before, limit: float) -> None:
+    """(U5) on the device: new <- old + min(1, limit / ||new − old||) (new − old);
+    three passes over the parameters."""
+    xp = backend.array_module(params)
+    minus_change = before
+    minus_change -= params                                   # old − new
+    norm = xp.sqrt(xp.vdot(minus_change, minus_change).astype(np.float64))
+    over = norm > limit
+    minus_change *= xp.where(over, 1.0 - limit / xp.where(over, norm, 1.0), 0.0)
+    params += minus_change
 
 
-def _add_outer(layer, direction_out, direction_in_ext) -> None:
-    """``[A, b] += direction_out^T direction_in_ext`` (the last input column is the bias's)."""
+def _scale_down_to(total, limit: float, xp):
+    """min(1, limit / total) as a device scalar (1 when total is not above the limit)."""
+    over = total > limit
+    return xp.where(over, limit / xp.where(over, total, 1.0), 1.0)
+
+
+def _layer_list(layers):
+    """Per-layer records as a list (a storage round trip may give a dict keyed "0", "1", ...)."""
+    if isinstance(layers, dict) and all(str(k).isdigit() for k in layers):
+        return [layers[k] for k in sorted(layers, key=int)]
+    return layers
+
+
+def _add_outer(layer, direction_out, direction_in_ext, work) -> None:
+    """``[A, b] += direction_outᵀ direction_in_ext`` (its last column is the bias's)."""
     dim = layer.input_dim
-    layer.linear += direction_out.T @ direction_in_ext[:, :dim]
+    matmul_add(layer.linear, direction_out.T, direction_in_ext[:, :dim], work=work)
     layer.bias += direction_out.T @ direction_in_ext[:, dim]
 
 
-def _work(updater, name, shape, dtype, xp):
-    """A reusable array of an updater (no fresh large allocation per step):
-    views of one flat buffer per name, grown to the largest request."""
-    size = math.prod(shape)
-    flat = updater._buffers.get(name)
-    if (flat is None or flat.size < size or flat.dtype != dtype
-            or backend.array_module(flat) is not xp):
-        flat = updater._buffers[name] = xp.empty(size, dtype=dtype)
-    return flat[:size].reshape(shape)
-
-
 class SgdUpdater(Updater):
-    """Plain SGD on the summed gradient (Kaldi AffineComponent::Update).
-    lr scales X (N x D_in), not the D_out x D_in product."""
-
-    def __init__(self, network, config):
-        super().__init__(network, config)
-        self._buffers = {}
+    """Plain SGD on the summed gradient (U1).  lr scales X (N x D_in), not
+    the D_out x D_in product."""
 
     def _update_layer(self, index, layer, lr):
         X, G = layer.input, layer.out_deriv
         xp = backend.array_module(X)
         layer.bias += lr * G.sum(axis=0)
-        scaled = xp.multiply(X, lr, out=_work(self, "scaled", X.shape, X.dtype, xp))
+        scaled = xp.multiply(X, lr, out=self.work.array("scaled", X.shape, X.dtype, xp))
         matmul_add(layer.linear, G.T, scaled,
-                   work=_work(self, "product", layer.linear.shape, layer.linear.dtype, xp))
+                   work=self.work.array("product", layer.linear.shape, layer.linear.dtype, xp))
 
 
 class OnlineNgUpdater(Updater):
-    """Online natural gradient (the paper's method); see the module docstring.
+    """Online natural gradient (U2)-(U3), the paper's method.
 
     State per affine layer i: ``input_side[i]`` (Fisher factor of [X, 1],
     dim D_in + 1) and ``output_side[i]`` (Fisher factor of G, dim D_out).
-    ``_extended[i]`` is a reusable buffer for [X, 1], not state.
 
-    Per layer and minibatch (the module docstring's formulas, arranged for speed):
+    Per layer and minibatch, arranged for speed:
 
-    * [X, 1] is written into a reused N x (D_in + 1) buffer; X̂'s first D_in
-      columns are a strided view of it, which BLAS takes as is.
-    * The output side is not materialised when that is clearly cheaper:
-      Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H_g = G W_gᵀ costs r (D_in + 1)(D_out + N)
-      multiply-adds against r N D_out for Ĝ = G − H_g W_g, plus a D_out x D_in
-      pass; it is used when the former is below FACTORED_MARGIN times the
-      latter (the paper's 3000- and 2000-dim outputs).  The row norms then
-      come from H_g (``OnlineNaturalGradient.precondition_begin``, factored form).
-    * Both preconditioner calls are split into begin/end so that their
-      traces, their updating calls' K and L, and the max-change sum reach the
-      host in one transfer (one host sync per layer on a GPU).
-    * The step's scale multiplies X̂ (N x (D_in + 1)), not the D_out x D_in
-      products, which go through one reused buffer.
+    * [X, 1] is written into a reused N x (D_in + 1) buffer and
+      preconditioned in place; X̂'s first D_in columns are a strided view of
+      it, which BLAS takes as is.
+    * The output side is left unformed where that costs fewer multiply-adds
+      (``costs.use_factored_output``, the paper's 3000- and 2000-dim
+      outputs): Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) (O11).
+    * The step's scale s·mscale·lr, a device scalar, multiplies X̂
+      (N x (D_in + 1)), not the D_out x D_in products, which go through one
+      reused buffer.
+    * Both sides' Fisher updates are finished together after the update is
+      queued: one host transfer per layer on updating minibatches, none on
+      the others.
+
+    ``output_form``: "auto" (the cost model), or "factored" / "formed" to
+    force one form (tests, benchmarks).
     """
 
     def __init__(self, network, config):
@@ -214,10 +221,6 @@ class OnlineNgUpdater(Updater):
         layers = network.affine_layers
         self.input_side = [preconditioner(config.rank_in) for _ in layers]
         self.output_side = [preconditioner(config.rank_out) for _ in layers]
-        self._extended = [None] * len(layers)
-        self._buffers = {}
-        # "auto": factored output side where it costs fewer multiply-adds;
-        # "factored" / "materialized" force one form (tests, benchmarks).
         self.output_form = "auto"
 
     def _update_layer(self, index, layer, lr):
@@ -226,52 +229,30 @@ class OnlineNgUpdater(Updater):
         N, D_in, D_out = X.shape[0], layer.input_dim, layer.output_dim
         p_in, p_out = self.input_side[index], self.output_side[index]
         clip = self.config.max_change_per_sample > 0
-        xe = self._extended[index] = _with_ones_column(X, self._extended[index])
-        x = p_in.precondition_begin(xe, out=xe, row_norms=clip)
         factored = (self.output_form == "factored" or self.output_form == "auto"
-                    and (D_in + 1) * (D_out + N) < FACTORED_MARGIN * N * D_out)
-        g = p_out.precondition_begin(G, out=G, row_norms=clip, factored=factored)
-
-        parts = [x.host_values, g.host_values]
+                    and costs.use_factored_output(N, D_in, D_out, self.config.rank_out))
+        updates = DeferredUpdates()
+        xe = self._extended(X)
+        x_hat, gamma_in, *rows_in = p_in.precondition(xe, out=xe, row_norms=clip, updates=updates)
+        g_hat, gamma_out, *rows_out = p_out.precondition(G, out=G, row_norms=clip,
+                                                         factored=factored, updates=updates)
+        scale = gamma_in * gamma_out * lr                      # (U3), on the device
         if clip:
-            parts.append(self._change_sum(x, g).reshape(1))
-        host = backend.to_host(xp.concatenate(parts))          # the layer's one host sync
-        n_x, n_g = x.host_values.size, g.host_values.size
-        gamma_in = p_in.precondition_end(x, host[:n_x])
-        gamma_out = p_out.precondition_end(g, host[n_x:n_x + n_g])
-        scale = gamma_in * gamma_out
-        minibatch_scale = 1.0
-        if clip:
-            change_sum = float(host[-1])
-            if g.row_norms_recomputed:                # κ fallback changed the norms
-                change_sum = float(backend.to_host(self._change_sum(x, g)))
-            change_norm = scale * lr * change_sum
-            limit = self.config.max_change_per_sample * N
-            if not math.isfinite(change_norm):
-                raise FloatingPointError(f"ng-online: non-finite change norm in affine layer "
-                                         f"{index} (training diverged?)")
-            if change_norm > limit:
-                minibatch_scale = limit / change_norm
-        xe *= scale * minibatch_scale * lr                    # X̂ times the step's scale
+            products = xp.multiply(rows_in[0], rows_out[0], dtype=np.float64)
+            total = xp.sqrt(products, out=products).sum() * scale
+            scale = scale * _scale_down_to(total, self.config.max_change_per_sample * N, xp)
+        xe *= scale                                            # X̂ times the step's scale
 
         # [A, b] += Ĝᵀ X̂ (X̂ = xe: its first D_in columns, then the bias column)
-        x_main, x_bias = xe[:, :D_in], xe[:, D_in]
-        direction = G if g.X_hat is None else g.X_hat         # G, or Ĝ formed in place
-        work = _work(self, "product", layer.linear.shape, layer.linear.dtype, xp)
-        matmul_add(layer.linear, direction.T, x_main, work=work)
-        bias_change = direction.T @ x_bias
-        if g.X_hat is None and g.H is not None:    # factored: subtract W_gᵀ (H_gᵀ X̂)
-            HtX = xp.matmul(g.H.T, xe)                         # r x (D_in + 1)
-            matmul_add(layer.linear, g.W.T, HtX[:, :D_in], alpha=-1.0, work=work)
-            bias_change -= g.W.T @ HtX[:, D_in]
-        layer.bias += bias_change
-
-    @staticmethod
-    def _change_sum(x, g):
-        """Σ_n sqrt(rin_n rout_n) on the device, in float64."""
-        xp = backend.array_module(x.row_sq_norms)
-        products = xp.multiply(x.row_sq_norms, g.row_sq_norms, dtype=np.float64)
-        return xp.sqrt(products, out=products).sum()
+        residual = isinstance(g_hat, LowRankResidual)
+        direction = g_hat.X if residual else g_hat             # G, or Ĝ formed in place
+        work = self.work.array("product", layer.linear.shape, layer.linear.dtype, xp)
+        _add_outer(layer, direction, xe, work)
+        if residual:                                           # subtract W_gᵀ (H_gᵀ X̂)
+            HtX = xp.matmul(g_hat.H.T, xe)                     # r x (D_in + 1)
+            matmul_add(layer.linear, g_hat.W.T, HtX[:, :D_in], alpha=-1.0, work=work)
+            layer.bias -= g_hat.W.T @ HtX[:, D_in]
+        updates.finish()                # both sides' Fisher updates: one transfer, if any
 
     def state_dict(self):
         return {"name": self.config.optimizer,
@@ -279,9 +260,12 @@ class OnlineNgUpdater(Updater):
                            for p_in, p_out in zip(self.input_side, self.output_side)]}
 
     def load_state_dict(self, state):
-        layers = state.get("layers")
-        super().load_state_dict({"name": state.get("name"), "layers": []} if set(state) == {"name", "layers"}
-                                else state)
+        layers = _layer_list(state.get("layers"))
+        if state.get("name") != self.config.optimizer:
+            raise ValueError(f"optimizer state: written by {state.get('name')!r}, "
+                             f"this updater is {self.config.optimizer!r}")
+        if set(state) != {"name", "layers"}:
+            raise ValueError(f"optimizer state: expected the keys name and layers, got {sorted(state)}")
         if not isinstance(layers, list) or len(layers) != len(self.input_side):
             raise ValueError(f"optimizer state: expected {len(self.input_side)} layers (this network's "
                              f"affine layers), got {len(layers) if isinstance(layers, list) else layers!r}")
@@ -297,23 +281,26 @@ class OnlineNgUpdater(Updater):
 
 
 class SimpleNgUpdater(Updater):
-    """Simple (per-minibatch, leave-one-out) natural gradient; stateless."""
+    """Simple (per-minibatch, leave-one-out) natural gradient (U4); stateless."""
 
     def _update_layer(self, index, layer, lr):
         X, G = layer.input, layer.out_deriv
+        xp = backend.array_module(X)
+        N, D_in, D_out = X.shape[0], layer.input_dim, layer.output_dim
         alpha = self.config.simple_alpha
-        x_hat = precondition_simple(_with_ones_column(X), alpha)
-        g_hat = precondition_simple(G, alpha)
-        minibatch_scale = 1.0
+        x = leave_one_out(self._extended(X), alpha)
+        g = leave_one_out(G, alpha, form=costs.simple_output_formed(N, D_in, D_out))
+        coefficient = lr
         if self.config.max_change > 0:
-            xp = backend.array_module(X)
-            row_norms = xp.sqrt(xp.einsum("nd,nd->n", x_hat, x_hat))
-            row_norms *= xp.sqrt(xp.einsum("nd,nd->n", g_hat, g_hat))
-            change_norm = lr * float(row_norms.sum())
-            if not math.isfinite(change_norm):
-                raise FloatingPointError(f"ng-simple: non-finite change norm in affine layer "
-                                         f"{index} (training diverged?)")
-            if change_norm > self.config.max_change:
-                minibatch_scale = self.config.max_change / change_norm
-        g_hat *= minibatch_scale * lr
-        _add_outer(layer, g_hat, x_hat)
+            total = (x.row_norms * g.row_norms).sum() * lr
+            coefficient = _scale_down_to(total, self.config.max_change, xp) * lr
+        xp_scaled = x.Q                                      # Xp times the step's scale
+        xp_scaled *= (x.row_scale * coefficient)[:, None]
+        work = self.work.array("product", layer.linear.shape, layer.linear.dtype, xp)
+        if g.Q is not None:                                  # Gp formed: Gpᵀ (scaled Xp)
+            g_scaled = g.Q
+            g_scaled *= g.row_scale[:, None]
+            _add_outer(layer, g_scaled, xp_scaled, work)
+        else:                                                # Gᵀ (S⁻¹ diag(β_g) scaled Xp), (S4)
+            xp_scaled *= g.row_scale[:, None]
+            _add_outer(layer, G, xp.matmul(g.S_inv, xp_scaled), work)

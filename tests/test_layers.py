@@ -279,11 +279,11 @@ def test_training_outputs_reuse_buffers_evaluation_outputs_do_not():
     first = forward(True)
     values = [o.copy() for o in first]
     second = forward(True)
-    assert all(a is b for a, b in zip(first, second))            # same memory each step
+    assert all(np.shares_memory(a, b) for a, b in zip(first, second))   # same memory each step
     for a, b in zip(second, values):
         np.testing.assert_array_equal(a, b)
     evaluation = forward(False)
-    assert all(a is not b for a, b in zip(evaluation, second))
+    assert not any(np.shares_memory(a, b) for a, b in zip(evaluation, second))
     for a, b in zip(evaluation, values):
         np.testing.assert_allclose(a, b, rtol=1e-14)
     kept = [a.copy() for a in evaluation]

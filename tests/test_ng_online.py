@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from conftest import golden_names, load_golden
 
-from ngsgd_mpi.ng_online import OnlineNaturalGradient, OnlineNGState
+from ngsgd_mpi.ng_online import (DeferredUpdates, LowRankResidual, OnlineNaturalGradient,
+                                 OnlineNGState)
 
 ONLINE_CASES = golden_names("online_")
 DTYPES = (np.float64, np.float32)
@@ -65,7 +66,7 @@ def kaldi_output(z, method, i):
 
 def run_call(p, X, method):
     if method == "nnet2":
-        return p.precondition_with_row_norms(X)
+        return p.precondition(X, row_norms=True)
     X_hat, gamma = p.precondition(X)
     return X_hat, gamma, None
 
@@ -292,7 +293,7 @@ def test_dim_one_is_a_noop(schedule):
     p = OnlineNaturalGradient(5, schedule=schedule)
     X = np.random.default_rng(0).standard_normal((9, 1)).astype(np.float32)
     for _ in range(3):
-        X_hat, gamma, row_sq = p.precondition_with_row_norms(X)
+        X_hat, gamma, row_sq = p.precondition(X, row_norms=True)
         np.testing.assert_array_equal(X_hat, X)
         assert X_hat is not X and gamma == 1.0
         np.testing.assert_array_equal(row_sq, X[:, 0] ** 2)
@@ -345,8 +346,8 @@ def test_state_dict_round_trip_is_bit_exact(schedule, dtype):
     b.load_state_dict({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in saved.items()})
     assert b.state.skipped == a.state.skipped and b.state.t == a.state.t
     for X in batches[13:]:
-        X_hat_a, gamma_a, rows_a = a.precondition_with_row_norms(X)
-        X_hat_b, gamma_b, rows_b = b.precondition_with_row_norms(X)
+        X_hat_a, gamma_a, rows_a = a.precondition(X, row_norms=True)
+        X_hat_b, gamma_b, rows_b = b.precondition(X, row_norms=True)
         np.testing.assert_array_equal(X_hat_a, X_hat_b)
         np.testing.assert_array_equal(rows_a, rows_b)
         assert gamma_a == gamma_b
@@ -378,14 +379,16 @@ def test_out_argument_and_in_place():
         np.testing.assert_array_equal(result, expected)
 
 
-def test_internal_call_returns_H_with_old_W():
+def test_factored_call_returns_the_residual_with_old_W():
     p = OnlineNaturalGradient(3, 1)
     batches = lowrank_batches(np.random.default_rng(7), 3, 20, 9)
     p.precondition(batches[0])
     W_old = p.state.W.copy()
-    _, _, _, H = p._precondition(batches[1], None, want_row_norms=False)
-    np.testing.assert_allclose(H, batches[1] @ W_old.T, rtol=1e-12, atol=0)
-    assert not np.array_equal(p.state.W, W_old)      # call 1 updated W
+    X_hat, _ = p.precondition(batches[1], factored=True)
+    assert isinstance(X_hat, LowRankResidual) and X_hat.X is batches[1]
+    np.testing.assert_array_equal(X_hat.W, W_old)
+    np.testing.assert_allclose(X_hat.H, batches[1] @ W_old.T, rtol=1e-12, atol=0)
+    assert not np.array_equal(p.state.W, W_old)      # call 1 updated W (replaced, not modified)
 
 
 def test_reorthonormalisation_branches(monkeypatch):
@@ -404,16 +407,16 @@ def test_reorthonormalisation_branches(monkeypatch):
     Q, _ = np.linalg.qr(rng.standard_normal((D, R)))
     drifted = Q.T + 0.05 * rng.standard_normal((R, D))          # rows no longer orthonormal
     W = np.sqrt(e)[:, None] * drifted
-    cholesky = p._reorthonormalize(W.copy(), e) / np.sqrt(e)[:, None]
+    cholesky = p._reorthonormalize(W.copy(), e, 3) / np.sqrt(e)[:, None]
     gram_schmidt = _orthonormalize_rows(drifted.copy(), np.random.default_rng(0))
     np.testing.assert_allclose(cholesky @ cholesky.T, np.eye(R), atol=1e-12)
     np.testing.assert_allclose(cholesky, gram_schmidt, atol=1e-12)
     assert not gram_schmidt_calls                                  # Cholesky branch
     nearly = np.sqrt(e)[:, None] * (Q.T + 1e-5 * rng.standard_normal((R, D)))
-    assert p._reorthonormalize(nearly, e) is nearly               # within 1e-3: untouched
+    assert p._reorthonormalize(nearly, e, 3) is nearly            # within 1e-3: untouched
     singular = W.copy()
     singular[3] = singular[1] * np.sqrt(e[3] / e[1])             # R'R'ᵀ singular
-    results = [p._reorthonormalize(singular.copy(), e) / np.sqrt(e)[:, None] for _ in range(2)]
+    results = [p._reorthonormalize(singular.copy(), e, 3) / np.sqrt(e)[:, None] for _ in range(2)]
     np.testing.assert_allclose(results[0] @ results[0].T, np.eye(R), atol=1e-12)
     np.testing.assert_array_equal(results[0], results[1])        # deterministic
     assert len(gram_schmidt_calls) == 2                            # fallback branch
@@ -461,29 +464,29 @@ def test_bad_inputs_raise():
         OnlineNaturalGradient(3, 1).load_state_dict(state)
 
 
-# ------------------------------------------- factored form and begin/end split
+# ------------------------------------------- factored form and deferred updates
 def factored_call(p, X):
-    """One call in factored form: (X − H W, gamma, row norms, the call record)."""
-    call = p.precondition_begin(X, row_norms=True, factored=True)
-    gamma = p.precondition_end(call, call.host_values)
-    return X - call.H @ call.W, gamma, call.row_sq_norms, call
+    """One call in factored form: (X̂ formed for comparison, gamma, row norms, X_hat as returned)."""
+    X_hat, gamma, rows = p.precondition(X, row_norms=True, factored=True)
+    formed = X_hat.X - X_hat.H @ X_hat.W if isinstance(X_hat, LowRankResidual) else X_hat
+    return formed, gamma, rows, X_hat
 
 
 @pytest.mark.parametrize("schedule", ["nnet2", "nnet3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_factored_form_matches_materialised(schedule, dtype):
-    """Same outputs, norms and state as the materialised form; only tr(XXᵀ) on nnet2
-    updating calls (summed instead of reconstructed) differs, at roundoff level."""
+    """Same outputs, norms and state as the materialised form (row norms and
+    tr(X̂X̂ᵀ) from H in float64 differ at roundoff level)."""
     tolerance = 1e-10 if dtype == np.float64 else 2e-5
     batches = lowrank_batches(np.random.default_rng(10), 20, 48, 30, dtype)
     a = OnlineNaturalGradient(6, 3, schedule=schedule)
     b = OnlineNaturalGradient(6, 3, schedule=schedule)
     for X in batches:
         X_in = X.copy()
-        X_hat_a, gamma_a, rows_a = a.precondition_with_row_norms(X.copy())
-        X_hat_b, gamma_b, rows_b, call = factored_call(b, X)
+        X_hat_a, gamma_a, rows_a = a.precondition(X.copy(), row_norms=True)
+        X_hat_b, gamma_b, rows_b, returned = factored_call(b, X)
         np.testing.assert_array_equal(X, X_in)            # factored: input untouched
-        assert call.X_hat is None and call.row_sq_norms.dtype == np.float64
+        assert isinstance(returned, LowRankResidual) and rows_b.dtype == np.float64
         assert rel_err(X_hat_b, X_hat_a) <= tolerance
         assert abs(gamma_b / gamma_a - 1) <= tolerance
         assert rel_err(rows_b, rows_a) <= 10 * tolerance
@@ -494,39 +497,78 @@ def test_factored_form_matches_materialised(schedule, dtype):
 
 def test_factored_row_norms_fall_back_when_they_would_cancel():
     """alpha = 0 golden case: X lies almost inside the preconditioned subspace
-    (tr XXᵀ / tr X̂X̂ᵀ ~ 1e4), so the H-based norms would lose ~1e-3; the
-    direct recomputation keeps them within float32 roundoff of the materialised ones."""
+    (tr XXᵀ / tr X̂X̂ᵀ ~ 1e4), so the H-based norms would lose ~1e-3; with the
+    last measured kappa above the limit X̂ is formed, and the norms stay within
+    float32 roundoff of the materialised ones."""
     cfg, z = load_golden("online_d100_n128_r20_p1_alpha0")
     a, b = make(cfg, "nnet2"), make(cfg, "nnet2")
-    recomputed, worst = 0, 0.0
+    formed, worst = 0, 0.0
     for i in range(cfg["num_batches"]):
         X = z[f"in_{i:03d}"].astype(np.float32)
-        _, gamma_a, rows_a = a.precondition_with_row_norms(X.copy())
-        _, gamma_b, rows_b, call = factored_call(b, X)
-        recomputed += call.row_norms_recomputed
+        _, gamma_a, rows_a = a.precondition(X.copy(), row_norms=True)
+        _, gamma_b, rows_b, returned = factored_call(b, X)
+        formed += not isinstance(returned, LowRankResidual)
         worst = max(worst, rel_err(rows_b, rows_a), abs(gamma_b / gamma_a - 1))
-    assert recomputed >= cfg["num_batches"] // 2
+    assert b.state.kappa > 100
+    assert formed >= cfg["num_batches"] // 2
     assert worst <= 1e-4
 
 
-def test_begin_end_split_host_values():
-    """host_values: [tr XXᵀ, tr X̂X̂ᵀ] on plain calls, then K and L on updating calls;
-    precondition_end accepts the host copy and returns gamma."""
+@pytest.mark.parametrize("schedule", ["nnet2", "nnet3"])
+def test_deferred_updates_finish_together_and_match(schedule):
+    """Two preconditioners deferring their Fisher updates into one
+    DeferredUpdates give bit-identical results to calls that finish alone; the
+    state changes only when the batch is finished."""
     rng = np.random.default_rng(11)
-    p = OnlineNaturalGradient(4, 3)
-    R = 4
-    for k, X in enumerate(lowrank_batches(rng, 16, 40, 12)):
-        updating = p._is_updating() if p.state.W is not None else True
-        call = p.precondition_begin(X.copy(), row_norms=True)
-        if p.state.rank:
-            assert call.updating == updating
-            assert call.host_values.shape == ((2 + 2 * R * R,) if call.updating else (2,))
-            tr_X = float(np.vdot(X, X))
-            if not call.updating or p.schedule == "nnet3":
-                assert call.host_values[0] == pytest.approx(tr_X, rel=1e-12)
-            assert call.host_values[1] == pytest.approx(float(np.vdot(call.X_hat, call.X_hat)),
-                                                        rel=1e-12)
-        gamma = p.precondition_end(call, np.array(call.host_values))
-        assert gamma == call.gamma and gamma == pytest.approx(
-            math.sqrt(np.vdot(X, X) / np.vdot(call.X_hat, call.X_hat)), rel=1e-12)
-    assert p.state.t == 10 + 2       # nnet2: 10 initial updates, then every 3rd call
+    inputs = lowrank_batches(rng, 16, 40, 12, np.float32)
+    derivs = lowrank_batches(rng, 16, 40, 7, np.float32)
+    alone = [OnlineNaturalGradient(4, 3, schedule=schedule) for _ in range(2)]
+    together = [OnlineNaturalGradient(4, 3, schedule=schedule) for _ in range(2)]
+    for X, G in zip(inputs, derivs):
+        expected = [alone[0].precondition(X.copy(), row_norms=True),
+                    alone[1].precondition(G.copy(), row_norms=True)]
+        updates = DeferredUpdates()
+        rho_before = [p.state.rho for p in together]
+        got = [together[0].precondition(X.copy(), row_norms=True, updates=updates),
+               together[1].precondition(G.copy(), row_norms=True, updates=updates)]
+        updating = together[0]._pending is not None
+        assert updating == (together[1]._pending is not None)
+        if updating and rho_before[0] > 0:            # (the first call initialises)
+            assert [p.state.rho for p in together] == rho_before
+        updates.finish()
+        assert together[0]._pending is None and together[1]._pending is None
+        for e, g in zip(expected, got):
+            np.testing.assert_array_equal(e[0], g[0])
+            np.testing.assert_array_equal(e[2], g[2])
+            assert e[1] == g[1]
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a.state.W, b.state.W)
+        assert (a.state.t, a.state.skipped, a.state.rho) == (b.state.t, b.state.skipped, b.state.rho)
+    assert alone[0].state.t == (10 + 2 if schedule == "nnet2" else 16)
+
+
+def test_an_unfinished_deferred_update_is_finished_by_the_next_call():
+    batches = lowrank_batches(np.random.default_rng(12), 4, 20, 9)
+    a, b = OnlineNaturalGradient(3, 1), OnlineNaturalGradient(3, 1)
+    for X in batches:
+        expected, _ = a.precondition(X)
+        got, _ = b.precondition(X, updates=DeferredUpdates())    # never finished by the caller
+        np.testing.assert_array_equal(got, expected)
+    state = b.state_dict()                                        # finishes the last one
+    np.testing.assert_array_equal(state["W"], a.state.W)
+
+
+@pytest.mark.parametrize("schedule,period,expected", [
+    ("nnet2", 4, [True] * 10 + [False, False, False, True] * 3),
+    ("nnet3", 4, [True] * 11 + [False, False, False, True] * 3),
+    ("nnet2", 1, [True] * 22),
+])
+def test_schedule_decides_which_calls_update(schedule, period, expected):
+    p = OnlineNaturalGradient(3, period, schedule=schedule)
+    seen = []
+    for X in lowrank_batches(np.random.default_rng(13), len(expected), 20, 9):
+        updates = DeferredUpdates()
+        p.precondition(X, updates=updates)
+        seen.append(p._pending is not None)
+        updates.finish()
+    assert seen == expected[:len(seen)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ngsgd_mpi import checkpoint
+from ngsgd_mpi import checkpoint, costs
 from ngsgd_mpi.network import Network, NetworkConfig
 from ngsgd_mpi.optim import OptimizerConfig, make_updater
 
@@ -41,7 +41,7 @@ def optimizer_config(cfg, **overrides):
     return OptimizerConfig(**{**options, **overrides})
 
 
-def replay(cfg, z, dtype=np.float32, **overrides):
+def replay(cfg, z, dtype=np.float32, output_form="auto", **overrides):
     """Per-step parameter changes of our updater on Kaldi's (X, G) sequence.
 
     Before each step the parameters are set to Kaldi's (the update does not
@@ -49,6 +49,8 @@ def replay(cfg, z, dtype=np.float32, **overrides):
     Returns (our changes, Kaldi's changes), each a list of flat float64 vectors."""
     net, layer = single_layer(cfg, dtype)
     updater = make_updater(net, optimizer_config(cfg, **overrides))
+    if output_form != "auto":
+        updater.output_form = output_form
     linear, bias = z["init_linear"], z["init_bias"]
     ours, kaldi = [], []
     for i in range(cfg["num_batches"]):
@@ -282,43 +284,42 @@ def test_training_lowers_objective_and_online_ng_beats_sgd(seed):
     assert results["ng-online"][1] > results["sgd"][1] + 0.3, results
 
 
-@pytest.mark.parametrize("form", ["factored", "materialized"])
-def test_online_output_forms_match_kaldi(form, monkeypatch):
+@pytest.mark.parametrize("form", ["factored", "formed"])
+def test_online_output_forms_match_kaldi(form):
     """Both ways of applying the output-side preconditioner (Ĝ formed, or
     Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H-based row norms) reproduce Kaldi's
-    updates; "auto" picks by multiply-add count (the golden shape: materialised)."""
-    from ngsgd_mpi import optim
+    updates; "auto" picks by multiply-add count (the golden shape: formed)."""
     cfg, z = load_case(ONLINE_CASE)
-    original = optim.OnlineNgUpdater.__init__
-
-    def init(self, network, config):
-        original(self, network, config)
-        self.output_form = form
-
-    monkeypatch.setattr(optim.OnlineNgUpdater, "__init__", init)
-    ours, kaldi = replay(cfg, z, np.float32)
+    ours, kaldi = replay(cfg, z, np.float32, output_form=form)
     assert max(relative_errors(ours, kaldi)) <= 5e-5        # measured 2.45e-5 for both forms
-    clipped, _ = replay(cfg, z, np.float64, max_change_per_sample=1e-3)
+    clipped, _ = replay(cfg, z, np.float64, output_form=form, max_change_per_sample=1e-3)
     for change in clipped:                                   # max-change from the H-based norms
         assert np.linalg.norm(change) <= 1e-3 * 128 * (1 + 1e-9)
 
 
-def test_online_auto_form_by_cost():
-    """Factored exactly where (D_in + 1)(D_out + N) < FACTORED_MARGIN N D_out."""
-    from ngsgd_mpi import optim
-    net = Network(NetworkConfig(input_dim=40, num_classes=50, num_hidden_layers=1,
-                                pnorm_input_dim=1000, pnorm_output_dim=100), seed=0)
-    updater = make_updater(net, OptimizerConfig(optimizer="ng-online"))
-    forms = []
-    for side in updater.output_side:
-        begin = side.precondition_begin
-        side.precondition_begin = lambda *a, begin=begin, **k: forms.append(k["factored"]) or begin(*a, **k)
+def test_online_auto_form_follows_the_cost_model():
+    """"auto" is factored exactly where costs.use_factored_output says so:
+    layer 0 (41 x (1000 + 256) < 0.85 x 256 x 1000) steps bit-identically to the
+    forced factored form, layer 1 (101 x (50 + 256) > 256 x 50) to the formed one (one step:
+    later steps couple the layers)."""
+    config = NetworkConfig(input_dim=40, num_classes=50, num_hidden_layers=1,
+                           pnorm_input_dim=1000, pnorm_output_dim=100)
+    assert costs.FACTORED_MARGIN == 0.85
+    assert costs.use_factored_output(256, 40, 1000, 80) and not costs.use_factored_output(256, 100, 50, 80)
     X = np.random.default_rng(0).standard_normal((256, 40)).astype(np.float32)
-    net.train_gradients(X, np.arange(256) % 50)
-    updater.step(0.01)
-    # layer 0: 41 x (1000 + 256) < 0.85 x 256 x 1000; layer 1: 101 x (50 + 256) > 256 x 50
-    assert optim.FACTORED_MARGIN == 0.85
-    assert forms == [True, False]
+    params = {}
+    for form in ("auto", "factored", "formed"):
+        net = Network(config, seed=0)
+        final = net.affine_layers[1].linear           # non-zero, so that layer 0 learns
+        final[...] = 0.1 * np.random.default_rng(1).standard_normal(final.shape)
+        updater = make_updater(net, OptimizerConfig(optimizer="ng-online"))
+        updater.output_form = form
+        net.train_gradients(X, np.arange(256) % 50)
+        updater.step(0.01)
+        params[form] = [np.concatenate([layer.linear.ravel(), layer.bias]) for layer in net.affine_layers]
+    np.testing.assert_array_equal(params["auto"][0], params["factored"][0])
+    np.testing.assert_array_equal(params["auto"][1], params["formed"][1])
+    assert not np.array_equal(params["factored"][0], params["formed"][0])
 
 
 @pytest.mark.parametrize("name", ["sgd", "ng-online", "ng-simple"])
