@@ -85,12 +85,14 @@ Schedules (O12), which calls update F (:class:`Nnet2Schedule`, :class:`Nnet3Sche
 Host transfers (GPU).  γ, the row norms and everything applied to X stay on
 the device: a call that does not update F reads nothing on the host.  An
 updating call needs [tr XXᵀ, tr X̂X̂ᵀ, K, L] (2 + 2r² floats) on the host for
-(O5)-(O9) and uploads A (r x r) and the r-vector of (O7).  By default the
-call does that itself (one transfer); a caller with several preconditioners
-(an affine layer's input and output sides) passes a :class:`DeferredUpdates`
-and finishes them together with one transfer.  Rare extras, as in Kaldi:
-the (O10) check (one r x r transfer; the Gram-Schmidt fallback r x D) and
-the first call's initialisation passes (one transfer each).
+(O5)-(O9) and uploads A (r x r) and the r-vector of (O7); when (O10) is due
+it also reads W'W'ᵀ (r x r), as Kaldi does (the check is due on most
+updates of the hidden layers' input sides: their [X, 1] has a dominant mean
+direction).  By default the call does that itself; a caller with many
+preconditioners (the updater: every side of every layer) passes one
+:class:`DeferredUpdates` and finishes them together: one transfer for all
+(O5)-(O9) values, one for all due (O10) checks.  Rare extras: the (O10)
+Gram-Schmidt fallback (r x D) and the first call's initialisation passes.
 """
 
 from __future__ import annotations
@@ -208,10 +210,21 @@ class _Pending(NamedTuple):
     seed: int       # Gram-Schmidt seed (O10): the update counter at the call
 
 
+class _Check(NamedTuple):
+    """An (O10) orthonormality check waiting for W'W'ᵀ on the host."""
+
+    W: Any          # W' as computed
+    e: np.ndarray   # e' (host)
+    seed: int
+    gram: Any       # W'W'ᵀ, float64 on W's device
+
+
 class DeferredUpdates:
-    """Fisher updates of several preconditioners finished with ONE host
-    transfer: pass it as ``updates=`` to their calls, then :meth:`finish` it
-    (a preconditioner called again first finishes its own update alone)."""
+    """Fisher updates of several preconditioners (a whole network's) finished
+    together: ONE host transfer for all their (O5)-(O9) values, and one more
+    for all (O10) checks if any is due.  Pass it as ``updates=`` to their
+    calls, then :meth:`finish` it (a preconditioner called again first
+    finishes its own update alone)."""
 
     def __init__(self):
         self._members: list[OnlineNaturalGradient] = []
@@ -220,20 +233,30 @@ class DeferredUpdates:
         self._members.append(preconditioner)
 
     def finish(self) -> None:
-        """One transfer of every member's pending values; the host eigenproblems;
-        the new W uploaded."""
+        """The transfers, the host eigenproblems, the new W uploaded."""
         members = [p for p in self._members if p._pending is not None]
         self._members = []
-        if not members:
-            return
-        parts = [p._pending.values for p in members]
-        xp = backend.array_module(parts[0])
-        host = backend.to_host(parts[0] if len(parts) == 1 else xp.concatenate(parts))
-        start = 0
-        for p in members:
-            size = p._pending.values.size
-            p._finish(host[start:start + size])
-            start += size
+        checks = []
+        for p, values in zip(members, _to_host_together([p._pending.values for p in members])):
+            check = p._finish(values)
+            if check is not None:
+                checks.append((p, check))
+        for (p, check), gram in zip(checks, _to_host_together([c.gram for _, c in checks])):
+            p._check_orthonormal(check, gram)
+
+
+def _to_host_together(arrays) -> list[np.ndarray]:
+    """Host copies of device arrays with one transfer (views of one buffer)."""
+    if not arrays:
+        return []
+    xp = backend.array_module(arrays[0])
+    flat = [a.ravel() for a in arrays]
+    host = backend.to_host(flat[0] if len(flat) == 1 else xp.concatenate(flat))
+    parts, start = [], 0
+    for a in arrays:
+        parts.append(host[start:start + a.size].reshape(a.shape))
+        start += a.size
+    return parts
 
 
 # ----------------------------------------------------------------------------- the preconditioner
@@ -428,9 +451,9 @@ class OnlineNaturalGradient:
                 L = xp.matmul(H.T, H, out=work.array("L", (R, R), X.dtype, xp))
             else:
                 L = xp.matmul(W, J.T, out=work.array("L", (R, R), X.dtype, xp))
-            values[2:2 + R * R].reshape(R, R)[...] = xp.matmul(
-                J, J.T, out=work.array("K", (R, R), X.dtype, xp))
-            values[2 + R * R:].reshape(R, R)[...] = L
+            matrices = values[2:].reshape(2, R, R)
+            matrices[0] = xp.matmul(J, J.T, out=work.array("K", (R, R), X.dtype, xp))
+            matrices[1] = L
             pending = _Pending(values=values, J=J, W=W, N=N, seed=st.t)
         return X_hat, gamma, (rows if row_norms else None), pending
 
@@ -447,11 +470,15 @@ class OnlineNaturalGradient:
 
     # ---------------------------------------------------------------- Fisher update
     def _finish_pending(self) -> None:
+        """Finish a pending update alone (its own transfers)."""
         if self._pending is not None:
-            self._finish(backend.to_host(self._pending.values))
+            check = self._finish(backend.to_host(self._pending.values))
+            if check is not None:
+                self._check_orthonormal(check, backend.to_host(check.gram))
 
-    def _finish(self, host_values) -> None:
-        """Host half of an updating call, (O5)-(O10): the new W, d, ρ, κ."""
+    def _finish(self, host_values) -> "_Check | None":
+        """Host half of an updating call, (O5)-(O9): the new W, d, ρ, κ.  Returns
+        the (O10) check still to do (its W'W'ᵀ is queued on the device), or None."""
         pending, self._pending = self._pending, None
         st = self.state
         R, D = st.rank, st.dim
@@ -459,8 +486,7 @@ class OnlineNaturalGradient:
         tr_X, tr_X_hat = float(values[0]), float(values[1])
         if not (math.isfinite(tr_X) and math.isfinite(tr_X_hat)):
             raise FloatingPointError("online NG: non-finite input (training diverged?)")
-        K = values[2:2 + R * R].reshape(R, R)
-        L = values[2 + R * R:].reshape(R, R)
+        K, L = values[2:].reshape(2, R, R)
         A, w, d_new, rho_new, inv_e_new, check_orthonormal = self._fisher_update(
             K, L, self._inverse_e(st.d, st.rho, D), tr_X, pending.N, D)
         # W' = A B with B = J + diag(w) W (O7), (O9); B formed in J's buffer.
@@ -470,10 +496,21 @@ class OnlineNaturalGradient:
                          out=self.work.array("wW", W.shape, W.dtype, xp))
         B = xp.add(J, wW, out=J)
         W_new = xp.matmul(backend.to_device(A, dtype=W.dtype, like=W), B)
-        if check_orthonormal:
-            W_new = self._reorthonormalize(W_new, 1.0 / inv_e_new, pending.seed)
         kappa = tr_X / tr_X_hat if tr_X_hat > 0 else math.inf
         self.state = st._replace(W=W_new, d=d_new, rho=rho_new, kappa=kappa)
+        if not check_orthonormal:
+            return None
+        # The (O10) check needs the actual W'W'ᵀ (float32 roundoff in J and in
+        # A B, amplified by an ill-conditioned A, is what it detects); it is
+        # also the gram (O11) of W', kept for later calls if W' stays.
+        gram = self._derived_array("gram", W_new)
+        return _Check(W=W_new, e=1.0 / inv_e_new, seed=pending.seed, gram=gram)
+
+    def _check_orthonormal(self, check: "_Check", host_gram) -> None:
+        """Second host half (O10), given the host copy of W'W'ᵀ."""
+        W = self._reorthonormalize(check.W, check.e, check.seed, np.asarray(host_gram, np.float64))
+        if W is not check.W:
+            self.state = self.state._replace(W=W)
 
     def _initialize(self, X0) -> None:
         """InitDefault + k updating passes over the first minibatch (O12)."""
@@ -499,7 +536,7 @@ class OnlineNaturalGradient:
         """An array computed once per W (W is replaced, never modified):
         "transposed" = Wᵀ contiguous (X Wᵀ then runs as a GEMM without operand
         transposition, up to 1.5x faster for small N·D·r on OpenBLAS);
-        "gram_minus_two" = W Wᵀ − 2I in float64 (O11)."""
+        "gram" = W Wᵀ in float64 and "gram_minus_two" = W Wᵀ − 2I (O11)."""
         if self._derived[0] is not W:
             self._derived = (W, {})
         arrays = self._derived[1]
@@ -508,8 +545,10 @@ class OnlineNaturalGradient:
             xp = backend.array_module(W)
             if name == "transposed":
                 value = xp.ascontiguousarray(W.T)
-            else:
+            elif name == "gram":
                 value = xp.matmul(W, W.T).astype(np.float64)
+            else:
+                value = self._derived_array("gram", W).copy()
                 value.ravel()[::value.shape[0] + 1] -= 2.0   # the diagonal (a view)
             arrays[name] = value
         return value
@@ -567,14 +606,14 @@ class OnlineNaturalGradient:
         A *= (a / (sqrt_c * np.sqrt(inv_e_new)))[:, None]
         return A, w, d_new, float(rho_new), inv_e_new, check_orthonormal
 
-    def _reorthonormalize(self, W_new, e_new, seed: int):
+    def _reorthonormalize(self, W_new, e_new, seed: int, gram_new):
         """(O10): make the rows of R' = E'^-½ W' orthonormal again if they
-        drifted by more than 1e-3: Cholesky, else Gram-Schmidt."""
+        drifted by more than 1e-3: Cholesky, else Gram-Schmidt (which reads
+        W' on the host).  ``gram_new`` = W' W'ᵀ (host float64)."""
         xp = backend.array_module(W_new)
         R = W_new.shape[0]
         sqrt_e, inv_sqrt_e = np.sqrt(e_new), 1.0 / np.sqrt(e_new)
-        O = backend.to_host(xp.matmul(W_new, W_new.T)).astype(np.float64)
-        O = inv_sqrt_e[:, None] * O * inv_sqrt_e[None, :]       # = R' R'ᵀ
+        O = inv_sqrt_e[:, None] * gram_new * inv_sqrt_e[None, :]    # = R' R'ᵀ
         if np.abs(np.tril(O - np.eye(R))).max() <= ORTHONORMAL_TOLERANCE:
             return W_new
         try:

@@ -43,7 +43,8 @@ nnet2 maximises the objective, so every update is ``param += lr * direction``.
 Host synchronisation: none.  γ, the max-change factors and (U5) are device
 scalars applied on the device; the only device-to-host transfer in a step is
 ng-online's, on minibatches whose preconditioners update their Fisher
-factors: ONE per affine layer, both sides together (``DeferredUpdates``).
+factors: ONE for the whole network, every side of every layer together
+(``DeferredUpdates``), plus one when an (O10) orthonormality check is due.
 Non-finite values are not checked here (that would read the device): they
 propagate into the parameters, where the trainer's per-minibatch objective
 check and end-of-period ``params_finite`` catch a divergence; a non-finite
@@ -107,12 +108,16 @@ class Updater(abc.ABC):
                                  "(run network.train_gradients before each step)")
             self._update_layer(index, layer, float(lr))
             layer.input = layer.out_deriv = None
+        self._finish_step()
         if limit > 0:
             _limit_total_change(params, before, limit)
 
     @abc.abstractmethod
     def _update_layer(self, index: int, layer, lr: float) -> None:
         """Apply this minibatch's update to one affine layer (its X, G are cached on it)."""
+
+    def _finish_step(self) -> None:
+        """Work left after every layer's update is queued (nothing by default)."""
 
     def _extended(self, X):
         """``[X, 1]`` in a reused N x (D_in + 1) buffer."""
@@ -202,9 +207,10 @@ class OnlineNgUpdater(Updater):
     * The step's scale s·mscale·lr, a device scalar, multiplies X̂
       (N x (D_in + 1)), not the D_out x D_in products, which go through one
       reused buffer.
-    * Both sides' Fisher updates are finished together after the update is
-      queued: one host transfer per layer on updating minibatches, none on
-      the others.
+    * Every side's Fisher update is finished together at the end of the step,
+      after all parameter updates are queued (``DeferredUpdates``): on
+      updating minibatches one host transfer for the whole network (two when
+      an (O10) check is due), none on the others.
 
     ``output_form``: "auto" (the cost model), or "factored" / "formed" to
     force one form (tests, benchmarks).
@@ -222,6 +228,7 @@ class OnlineNgUpdater(Updater):
         self.input_side = [preconditioner(config.rank_in) for _ in layers]
         self.output_side = [preconditioner(config.rank_out) for _ in layers]
         self.output_form = "auto"
+        self._updates = DeferredUpdates()
 
     def _update_layer(self, index, layer, lr):
         X, G = layer.input, layer.out_deriv
@@ -231,11 +238,11 @@ class OnlineNgUpdater(Updater):
         clip = self.config.max_change_per_sample > 0
         factored = (self.output_form == "factored" or self.output_form == "auto"
                     and costs.use_factored_output(N, D_in, D_out, self.config.rank_out))
-        updates = DeferredUpdates()
         xe = self._extended(X)
-        x_hat, gamma_in, *rows_in = p_in.precondition(xe, out=xe, row_norms=clip, updates=updates)
+        x_hat, gamma_in, *rows_in = p_in.precondition(xe, out=xe, row_norms=clip,
+                                                      updates=self._updates)
         g_hat, gamma_out, *rows_out = p_out.precondition(G, out=G, row_norms=clip,
-                                                         factored=factored, updates=updates)
+                                                         factored=factored, updates=self._updates)
         scale = gamma_in * gamma_out * lr                      # (U3), on the device
         if clip:
             products = xp.multiply(rows_in[0], rows_out[0], dtype=np.float64)
@@ -252,7 +259,9 @@ class OnlineNgUpdater(Updater):
             HtX = xp.matmul(g_hat.H.T, xe)                     # r x (D_in + 1)
             matmul_add(layer.linear, g_hat.W.T, HtX[:, :D_in], alpha=-1.0, work=work)
             layer.bias -= g_hat.W.T @ HtX[:, D_in]
-        updates.finish()                # both sides' Fisher updates: one transfer, if any
+
+    def _finish_step(self):
+        self._updates.finish()          # every side's Fisher update: one transfer, if any
 
     def state_dict(self):
         return {"name": self.config.optimizer,

@@ -407,16 +407,17 @@ def test_reorthonormalisation_branches(monkeypatch):
     Q, _ = np.linalg.qr(rng.standard_normal((D, R)))
     drifted = Q.T + 0.05 * rng.standard_normal((R, D))          # rows no longer orthonormal
     W = np.sqrt(e)[:, None] * drifted
-    cholesky = p._reorthonormalize(W.copy(), e, 3) / np.sqrt(e)[:, None]
+    cholesky = p._reorthonormalize(W.copy(), e, 3, W @ W.T) / np.sqrt(e)[:, None]
     gram_schmidt = _orthonormalize_rows(drifted.copy(), np.random.default_rng(0))
     np.testing.assert_allclose(cholesky @ cholesky.T, np.eye(R), atol=1e-12)
     np.testing.assert_allclose(cholesky, gram_schmidt, atol=1e-12)
     assert not gram_schmidt_calls                                  # Cholesky branch
     nearly = np.sqrt(e)[:, None] * (Q.T + 1e-5 * rng.standard_normal((R, D)))
-    assert p._reorthonormalize(nearly, e, 3) is nearly            # within 1e-3: untouched
+    assert p._reorthonormalize(nearly, e, 3, nearly @ nearly.T) is nearly   # within 1e-3: untouched
     singular = W.copy()
     singular[3] = singular[1] * np.sqrt(e[3] / e[1])             # R'R'ᵀ singular
-    results = [p._reorthonormalize(singular.copy(), e, 3) / np.sqrt(e)[:, None] for _ in range(2)]
+    results = [p._reorthonormalize(singular.copy(), e, 3, singular @ singular.T) / np.sqrt(e)[:, None]
+               for _ in range(2)]
     np.testing.assert_allclose(results[0] @ results[0].T, np.eye(R), atol=1e-12)
     np.testing.assert_array_equal(results[0], results[1])        # deterministic
     assert len(gram_schmidt_calls) == 2                            # fallback branch
