@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import golden_names, load_golden
 
-from ngsgd_mpi.ng_simple import precondition_simple, precondition_simple_unscaled
+from ngsgd_mpi.ng_simple import leave_one_out, precondition_simple, precondition_simple_unscaled
 
 SIMPLE_CASES = golden_names("simple_")
 DTYPES = (np.float64, np.float32)
@@ -95,3 +95,32 @@ def test_bad_input_raises():
         precondition_simple_unscaled(np.ones((3, 4), dtype=np.int32))
     with pytest.raises(ValueError, match="at least one row"):
         precondition_simple(np.ones((0, 4)))
+
+
+@pytest.mark.parametrize("N,D,alpha,dtype,tolerance", [
+    (9, 30, 4.0, np.float64, 1e-10), (5, 40, 1.0, np.float64, 1e-10), (2, 6, 4.0, np.float64, 1e-10),
+    (64, 300, 4.0, np.float32, 2e-5), (64, 300, 0.1, np.float32, 2e-4)])
+def test_unformed_parts_give_the_same_rows_norms_and_products(N, D, alpha, dtype, tolerance):
+    """N < D: beta from diag(S⁻¹) (S5), the row norms from S⁻¹ alone (S6), and
+    Pᵀ Y = Rᵀ S⁻¹ diag(scale) Y, against P formed."""
+    rng = np.random.default_rng(N * 7 + D)
+    R = (rng.standard_normal((N, 6)) @ rng.standard_normal((6, D))
+         + 0.3 * rng.standard_normal((N, D))).astype(dtype)
+    P = precondition_simple(R, alpha)
+    parts = leave_one_out(R, alpha, form=False)
+    assert parts.Q is None and parts.S_inv.shape == (N, N)
+    assert rel_err(parts.row_norms, np.linalg.norm(P.astype(np.float64), axis=1)) <= tolerance
+    Y = rng.standard_normal((N, 11))
+    unformed_product = R.T.astype(np.float64) @ (parts.S_inv @ (parts.row_scale[:, None] * Y))
+    assert rel_err(unformed_product, P.T.astype(np.float64) @ Y) <= tolerance
+    formed = leave_one_out(R, alpha, form=True)
+    assert formed.S_inv is None and rel_err(formed.row_scale[:, None] * formed.Q, P) <= 1e-7
+    assert rel_err(formed.row_norms, parts.row_norms) <= tolerance
+
+
+def test_failures_come_out_as_nan_rows_without_a_host_check():
+    """Where Kaldi aborts (gamma_n >= N - 1), the rows are NaN (the trainer's
+    divergence check catches it); an all-zero R stays zero."""
+    R = np.zeros((6, 4))
+    parts = leave_one_out(R, 4.0)
+    assert np.all(parts.row_scale == 1.0) and not np.any(parts.Q)
