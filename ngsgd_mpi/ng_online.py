@@ -441,7 +441,7 @@ class OnlineNaturalGradient:
                 tr_X_hat = rows.sum()
             else:
                 rows, tr_X_hat = None, _squared_norm(X_hat)
-        gamma = _gamma(self.schedule.gamma_is_one(tr_X, tr_X_hat), tr_X, tr_X_hat, xp)
+        gamma = _gamma(self.schedule, tr_X, tr_X_hat, xp)
         pending = None
         if updating:
             values = work.array("values", (2 + 2 * R * R,), f64, xp)
@@ -642,12 +642,19 @@ class OnlineNaturalGradient:
                              f"{getattr(out, 'dtype', type(out))} {getattr(out, 'shape', None)}")
 
 
-def _gamma(is_one, tr_X, tr_X_hat, xp):
-    """γ = sqrt(tr XXᵀ / tr X̂X̂ᵀ) (O2), 1 where the schedule says, on the device."""
+def _gamma(schedule, tr_X, tr_X_hat, xp):
+    """γ = sqrt(tr XXᵀ / tr X̂X̂ᵀ) (O2), 1 where the schedule says: device
+    arithmetic on a device, Python's on host scalars (the same IEEE operations,
+    a tenth of the call overhead)."""
+    if xp is np:
+        tr_X, tr_X_hat = float(tr_X), float(tr_X_hat)
+        if schedule.gamma_is_one(tr_X, tr_X_hat):
+            return np.float64(1.0)
+        return np.float64(math.sqrt(tr_X / (tr_X_hat if tr_X_hat > 0 else 1.0)))
     tr_X = tr_X.astype(np.float64)
     tr_X_hat = tr_X_hat.astype(np.float64)
     ratio = tr_X / xp.where(tr_X_hat > 0, tr_X_hat, 1.0)
-    return xp.where(is_one, 1.0, xp.sqrt(ratio))[()]
+    return xp.where(schedule.gamma_is_one(tr_X, tr_X_hat), 1.0, xp.sqrt(ratio))[()]
 
 
 def _squared_norm(X):

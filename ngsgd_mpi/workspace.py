@@ -30,24 +30,30 @@ from ngsgd_mpi import backend
 class Workspace:
     """Named reusable arrays of one owner (see the module docstring)."""
 
-    __slots__ = ("_flat",)
+    __slots__ = ("_flat", "_views")
 
     def __init__(self):
         self._flat: dict[str, object] = {}
+        self._views: dict[str, object] = {}     # the last view handed out per role
 
     def array(self, role: str, shape: tuple[int, ...], dtype, xp):
         """A C-contiguous ``xp`` array of ``shape`` and ``dtype`` for ``role``
         (uninitialised; reuses the role's memory when it is large enough)."""
+        view = self._views.get(role)
+        if view is not None and view.shape == shape and view.dtype == dtype and type(view) is xp.ndarray:
+            return view                         # the common case: same request as last time
         size = math.prod(shape)
         flat = self._flat.get(role)
         if (flat is None or flat.size < size or flat.dtype != dtype
                 or backend.array_module(flat) is not xp):
             flat = self._flat[role] = xp.empty(size, dtype=dtype)
-        return flat[:size].reshape(shape)
+        view = self._views[role] = flat[:size].reshape(shape)
+        return view
 
     def clear(self) -> None:
         """Drop every array (they are reallocated on the next request)."""
         self._flat.clear()
+        self._views.clear()
 
     @property
     def nbytes(self) -> int:

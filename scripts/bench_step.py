@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Time one training minibatch (forward + backward + update) for sgd, ng-online
-and ng-simple, per layer and per part, and against PyTorch.
+and ng-simple, per layer and per part, and against PyTorch; report memory.
 
-    OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_step.py \
-        [--sizes paper,small] [--threads 1,all] [--reps 9] [--json out.json]
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python scripts/bench_step.py \
+        [--sizes paper,small] [--threads 1,all] [--reps 9] [--json out.json] [--memory]
 
 What is measured (docs/benchmarks.md has the figures):
 
@@ -11,22 +11,29 @@ What is measured (docs/benchmarks.md has the figures):
   initial network; repetitions are interleaved (rep k times ``--batches``
   minibatches of each optimiser in turn, the order rotating, a short sleep
   before each block), and each figure is the median over repetitions of the
-  wall time per minibatch.  The
-  NG/SGD ratios are medians of the per-repetition ratios, so slow phases of
-  a shared machine hit both sides of a ratio alike.
-* Breakdown: a second, instrumented pass wraps each layer's forward and
-  backward, the updater's per-layer update and the preconditioner calls
-  inside it ("precondition"; "update" is the rest of the layer update).
-* FLOPs: multiply-adds of one minibatch counted from the shapes, for SGD
-  and for the NG-online extra work (steady state: one Fisher update every
-  ``update_period`` calls), so the measured ratio can be set beside the
-  arithmetic floor.
+  wall time per minibatch, and of the process CPU time (with one BLAS thread
+  CPU time is not inflated by other jobs taking the core; both are reported).
+  The NG/SGD ratios are medians of the per-repetition ratios, so slow phases
+  of a shared machine hit both sides of a ratio alike.
+* Breakdown: a second, instrumented pass attributes wall time to each
+  layer's forward and backward, the updater's per-layer update, the
+  preconditioner calls inside it ("precondition"; "update" is the rest) and
+  the deferred Fisher updates at the end of the step.  It uses the
+  interpreter's profiling hook (``sys.setprofile``, what cProfile uses) on
+  those functions' code objects: no object is patched.
+* FLOPs: multiply-adds of one minibatch from the shared cost model
+  (``ngsgd_mpi.costs``, also what the updaters' form choices use), so the
+  measured ratio can be set beside the arithmetic floor.
 * PyTorch (if installed, ``pip install 'ngsgd_mpi[bench]'``): the same
   network and plain SGD step, same threads (torch.set_num_threads) and
   minibatch; it joins the interleaved repetitions as "torch-sgd".
+* ``--memory``: each optimiser in a fresh process: peak resident memory
+  (ru_maxrss) and what of it is parameters, optimiser state, work buffers
+  (layers' activations, updater and preconditioner workspaces) and the
+  interpreter with NumPy/BLAS loaded.
 
 Threads: "1" and "all" (the cores this process may use) via threadpoolctl,
-which limits NumPy's and SciPy's OpenBLAS alike.
+which limits NumPy's OpenBLAS.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -44,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from ngsgd_mpi import optim
+from ngsgd_mpi import costs, layers, ng_online, ng_simple, optim
 from ngsgd_mpi.network import Network, NetworkConfig
 from ngsgd_mpi.optim import OptimizerConfig, make_updater
 
@@ -65,46 +74,24 @@ SIZES = {
                                          pnorm_input_dim=3000, pnorm_output_dim=300), 512),
     "small": Size("small", NetworkConfig(input_dim=200, num_classes=300, num_hidden_layers=2,
                                          pnorm_input_dim=1000, pnorm_output_dim=100), 128),
+    # A GPU-sized net (issue 14): 4 x (5000 p-norm -> 500).
+    "gpu": Size("gpu", NetworkConfig(input_dim=360, num_classes=2000, num_hidden_layers=4,
+                                     pnorm_input_dim=5000, pnorm_output_dim=500), 512),
     # For the smoke test only.
     "tiny": Size("tiny", NetworkConfig(input_dim=12, num_classes=7, num_hidden_layers=1,
                                        pnorm_input_dim=20, pnorm_output_dim=4), 16),
 }
 
 
-# ----------------------------------------------------------------------------- FLOPs
-
-def sgd_macs(net: NetworkConfig, N: int) -> int:
-    """Multiply-adds of one SGD minibatch: forward, input derivative (not for
-    the first layer), weight gradient (bias and elementwise work ignored)."""
-    shapes = net.affine_shapes()
-    return sum(N * o * i * (2 if k == 0 else 3) for k, (o, i) in enumerate(shapes))
-
-
-def online_side_macs(N: int, D: int, R: int, P: int, materialize: bool) -> float:
-    """One OnlineNaturalGradient call on N x D at rank R, averaged over the update
-    period: H = X Wᵀ always; X − H W if materialised; on updating calls J = Hᵀ X,
-    K = J Jᵀ, L = Hᵀ H, W' = A B (R x R by R x D)."""
-    R = min(R, D - 1)
-    if R < 1:
-        return 0.0
-    update = N * D * R + R * R * D + N * R * R + R * R * D
-    return N * D * R * (2 if materialize else 1) + update / P
-
-
-def online_extra_macs(net: NetworkConfig, N: int, cfg: OptimizerConfig, factored: bool) -> float:
-    """NG-online work beyond SGD per minibatch.  Straightforward: both sides
-    materialised.  Factored (what optim.OnlineNgUpdater does): the output side
-    is never materialised; Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) adds R·N·(D_in+1) +
-    D_out·R·(D_in+1); the row norms come from H."""
-    total = 0.0
-    for o, i in net.affine_shapes():
-        P = cfg.update_period
-        total += online_side_macs(N, i + 1, cfg.rank_in, P, materialize=True)
-        total += online_side_macs(N, o, cfg.rank_out, P, materialize=not factored)
-        if factored:
-            R = min(cfg.rank_out, o - 1)
-            total += R * N * (i + 1) + o * R * (i + 1) + N * R * R
-    return total
+def multiply_adds(size: Size, config: OptimizerConfig) -> dict:
+    """The cost model's counts for one minibatch of this size."""
+    shapes, N = size.net.affine_shapes(), size.minibatch
+    online = dict(rank_in=config.rank_in, rank_out=config.rank_out, period=config.update_period)
+    return {"sgd_macs": costs.sgd_macs(shapes, N),
+            "ng_online_extra_macs_straightforward": costs.online_extra_macs(shapes, N, **online,
+                                                                             output_form="formed"),
+            "ng_online_extra_macs_factored": costs.online_extra_macs(shapes, N, **online),
+            "ng_simple_extra_macs": costs.simple_extra_macs(shapes, N)}
 
 
 # ----------------------------------------------------------------------------- runners
@@ -171,116 +158,130 @@ def make_batches(size: Size, count: int = 8, seed: int = 1):
             for _ in range(count)]
 
 
-def time_interleaved(runners: dict, reps: int, batches: int, settle: float) -> dict[str, list[float]]:
-    """Per-minibatch seconds of each runner, one list entry per repetition.
-    ``settle`` seconds of sleep before each block let the previous runner's
-    BLAS/OpenMP worker threads stop busy-waiting (OpenBLAS spins ~0.1 s)."""
+def time_interleaved(runners: dict, reps: int, batches: int, settle: float):
+    """(wall, cpu): per-minibatch seconds of each runner, one list entry per
+    repetition.  ``settle`` seconds of sleep before each block let the previous
+    runner's BLAS/OpenMP worker threads stop busy-waiting (OpenBLAS spins ~0.1 s)."""
     names = list(runners)
-    times = defaultdict(list)
+    wall, cpu = defaultdict(list), defaultdict(list)
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             step = runners[name].step
             time.sleep(settle)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(batches):
                 step()
-            times[name].append((time.perf_counter() - t0) / batches)
-    return times
+            wall[name].append((time.perf_counter() - t0) / batches)
+            cpu[name].append((time.process_time() - c0) / batches)
+    return wall, cpu
+
+
+def paired_ratios(times: dict) -> dict:
+    """Medians of per-repetition ratios against sgd (and sgd against PyTorch)."""
+    ratios = {}
+    if "sgd" not in times:
+        return ratios
+    for name in times:
+        if name not in ("sgd", "torch-sgd"):
+            ratios[f"{name}/sgd"] = statistics.median(a / b for a, b in zip(times[name], times["sgd"]))
+    if "torch-sgd" in times:            # ours relative to the peer, the other way round
+        ratios["sgd/torch-sgd"] = statistics.median(
+            a / b for a, b in zip(times["sgd"], times["torch-sgd"]))
+    return ratios
 
 
 # ----------------------------------------------------------------------------- breakdown
 
-def _wrap(obj, method: str, sink: dict, key_fn):
-    """Make ``obj.method`` add its wall time to ``sink[key_fn(args)]``; a call
-    made from inside another timed call with the same key is not counted twice."""
-    original = getattr(obj, method)
-    active = set()
+class SectionTimer:
+    """Wall time of chosen functions per (label, part), through ``sys.setprofile``.
 
-    def timed(*args, **kwargs):
-        key = key_fn(args)
-        if key in active:
-            return original(*args, **kwargs)
-        active.add(key)
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sink[key] += time.perf_counter() - t0
-            active.discard(key)
+    The hook sees every call; for the code objects in ``PARTS`` it times the
+    call and files it under a label: the layer for forward/backward (by the
+    ``self`` of the call), "Affine{index}" for an updater's per-layer update,
+    and the layer being updated for the preconditioner calls made inside it.
+    Nested calls are recorded too ("precondition" lies inside "update")."""
 
-    setattr(obj, method, timed)
+    PARTS = {}
+    for _cls in (layers.Affine, layers.Pnorm, layers.Normalize, layers.Relu,
+                 layers.SoftmaxCrossEntropy):
+        PARTS[_cls.forward.__code__] = "forward"
+        PARTS[_cls.backward.__code__] = "backward"
+    for _cls in (optim.SgdUpdater, optim.OnlineNgUpdater, optim.SimpleNgUpdater):
+        PARTS[_cls._update_layer.__code__] = "update"
+    PARTS[ng_online.OnlineNaturalGradient.precondition.__code__] = "precondition"
+    PARTS[ng_simple.leave_one_out.__code__] = "precondition"
+    PARTS[ng_online.DeferredUpdates.finish.__code__] = "fisher"
 
+    def __init__(self, network):
+        self.sink = defaultdict(float)
+        counts = defaultdict(int)
+        self.labels = {}
+        for layer in network.layers:
+            kind = type(layer).__name__
+            self.labels[id(layer)] = f"{kind}{counts[kind]}"
+            counts[kind] += 1
+        self._stack = []
+        self._current = "other"
 
-def instrument(runner: NumpyRunner) -> dict:
-    """Wrap the runner's layers, updater and preconditioners; returns the dict
-    ``(layer label, part) -> seconds`` they accumulate into."""
-    sink = defaultdict(float)
-    counts = defaultdict(int)
-    labels = []
-    for layer in runner.net.layers:
-        kind = type(layer).__name__
-        labels.append(f"{kind}{counts[kind]}")
-        counts[kind] += 1
-    for label, layer in zip(labels, runner.net.layers):
-        _wrap(layer, "forward", sink, lambda a, label=label: (label, "forward"))
-        _wrap(layer, "backward", sink, lambda a, label=label: (label, "backward"))
-    updater = runner.updater
-    _wrap(updater, "_update_layer", sink, lambda a: (f"Affine{a[0]}", "update"))
-    sides = getattr(updater, "input_side", []) + getattr(updater, "output_side", [])
-    for index, ng in enumerate(sides):
-        affine = index % len(runner.net.affine_layers)
-        for method in [m for m in dir(ng) if m.startswith("precondition")]:
-            _wrap(ng, method, sink, lambda a, affine=affine: (f"Affine{affine}", "precondition"))
-    if isinstance(updater, optim.SimpleNgUpdater):
-        # precondition_simple is looked up in optim's globals at call time
-        current = {"layer": None}
-        original_update = updater._update_layer
+    def _key(self, frame, part):
+        if part in ("forward", "backward"):
+            return self.labels.get(id(frame.f_locals.get("self")), "other"), part
+        if part == "update":
+            self._current = f"Affine{frame.f_locals['index']}"
+            return self._current, part
+        if part == "fisher":
+            return "Fisher updates", "precondition"
+        return self._current, part
 
-        def update(index, layer, lr):
-            current["layer"] = f"Affine{index}"
-            return original_update(index, layer, lr)
+    def _hook(self, frame, event, arg):
+        if event == "call":
+            part = self.PARTS.get(frame.f_code)
+            if part is not None:
+                self._stack.append((frame, self._key(frame, part), time.perf_counter()))
+        elif event == "return" and self._stack and self._stack[-1][0] is frame:
+            _, key, t0 = self._stack.pop()
+            self.sink[key] += time.perf_counter() - t0
 
-        updater._update_layer = update
-        _wrap(optim, "precondition_simple", sink, lambda a: (current["layer"], "precondition"))
-    return sink
+    def __enter__(self):
+        sys.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
 
 
 def breakdown(size: Size, optimizers, batches, reps: int, steps: int, settle: float) -> dict:
     """Median seconds per minibatch of each (layer, part), per optimiser; the
     instrumented runners take turns like the totals."""
-    saved = optim.precondition_simple
-    try:
-        runners, sinks = {}, {}
-        for name in optimizers:
-            runners[name] = NumpyRunner(size, name, batches)
-            for _ in range(12):
-                runners[name].step()
-            sinks[name] = instrument(runners[name])
-        samples = {name: defaultdict(list) for name in optimizers}
-        for rep in range(reps):
-            for name in optimizers[rep % len(optimizers):] + optimizers[:rep % len(optimizers)]:
-                sink = sinks[name]
-                time.sleep(settle)
-                sink.clear()
-                t0 = time.perf_counter()
+    runners = {}
+    for name in optimizers:
+        runners[name] = NumpyRunner(size, name, batches)
+        for _ in range(12):
+            runners[name].step()
+    samples = {name: defaultdict(list) for name in optimizers}
+    for rep in range(reps):
+        for name in optimizers[rep % len(optimizers):] + optimizers[:rep % len(optimizers)]:
+            time.sleep(settle)
+            t0 = time.perf_counter()
+            with SectionTimer(runners[name].net) as timer:
                 for _ in range(steps):
                     runners[name].step()
-                total = time.perf_counter() - t0
-                # Whatever no wrapper saw: the network's glue (checks, objective statistics).
-                # (Preconditioner time is inside "update", so it is not added again.)
-                seen = sum(v for (_, part), v in sink.items() if part != "precondition")
-                sink[("other", "forward")] = total - seen
-                for key, seconds in sink.items():
-                    samples[name][key].append(seconds / steps)
-    finally:
-        optim.precondition_simple = saved
+            total = time.perf_counter() - t0
+            sink = timer.sink
+            # Whatever no section saw: the network's glue (checks, objective statistics).
+            # (Preconditioner time is inside "update", so it is not added again.)
+            seen = sum(v for (label, part), v in sink.items()
+                       if part != "precondition" or label.startswith("Fisher"))
+            sink[("other", "forward")] += total - seen
+            for key, seconds in sink.items():
+                samples[name][key].append(seconds / steps)
     result = {}
     for name in optimizers:
         table = {key: statistics.median(v) for key, v in samples[name].items()}
         # "update" includes the preconditioner calls made inside it: report the rest.
         for (label, part), seconds in list(table.items()):
-            if part == "precondition":
+            if part == "precondition" and not label.startswith("Fisher"):
                 table[(label, "update")] = table.get((label, "update"), 0.0) - seconds
         result[name] = table
     return result
@@ -303,6 +304,52 @@ def print_breakdown(tables: dict) -> None:
               + f"{1e3 * sum(totals.values()):10.2f}")
 
 
+# ----------------------------------------------------------------------------- memory
+
+def memory_probe(size: Size, optimizer: str, steps: int) -> dict:
+    """In this (fresh) process: peak RSS after ``steps`` minibatches, and its parts."""
+    def peak_mb():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: kB
+
+    batches = make_batches(size, count=4)
+    baseline = peak_mb()                          # interpreter, NumPy, BLAS, the minibatches
+    runner = NumpyRunner(size, optimizer, batches)
+    for _ in range(steps):
+        runner.step()
+    net, updater = runner.net, runner.updater
+    state = updater.state_dict()
+    state_bytes = sum(side[key].nbytes for layer in state["layers"] for side in layer.values()
+                      for key in ("W", "d"))
+    activations = sum(layer.work.nbytes for layer in net.layers if hasattr(layer, "work"))
+    preconditioners = getattr(updater, "input_side", []) + getattr(updater, "output_side", [])
+    work = updater.work.nbytes + sum(p.work.nbytes for p in preconditioners)
+    mb = 1.0 / 2 ** 20
+    return {"optimizer": optimizer, "size": size.name, "peak_rss_mb": peak_mb(),
+            "baseline_mb": baseline, "params_mb": net.params.nbytes * mb,
+            "optimizer_state_mb": state_bytes * mb, "layer_buffers_mb": activations * mb,
+            "updater_work_mb": work * mb,
+            "minibatch_mb": sum(X.nbytes + y.nbytes for X, y in batches) * mb}
+
+
+def memory_report(size_name: str, optimizers, steps: int) -> list[dict]:
+    rows = []
+    for name in optimizers:
+        out = subprocess.run([sys.executable, __file__, "--memory-probe", name, "--sizes", size_name,
+                              "--memory-steps", str(steps)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\n  peak resident memory per process (rank), {size_name} size, after {steps} minibatches (MiB):")
+    print(f"    {'optimizer':<10}{'peak RSS':>10}{'params':>9}{'opt state':>11}{'layer bufs':>12}"
+          f"{'upd work':>10}{'base+data':>11}{'other':>8}")
+    for r in rows:
+        known = (r["params_mb"] + r["optimizer_state_mb"] + r["layer_buffers_mb"] + r["updater_work_mb"]
+                 + r["baseline_mb"])
+        r["other_mb"] = r["peak_rss_mb"] - known
+        print(f"    {r['optimizer']:<10}{r['peak_rss_mb']:10.1f}{r['params_mb']:9.1f}"
+              f"{r['optimizer_state_mb']:11.1f}{r['layer_buffers_mb']:12.1f}{r['updater_work_mb']:10.1f}"
+              f"{r['baseline_mb']:11.1f}{r['other_mb']:8.1f}")
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 def machine_description() -> dict:
@@ -317,6 +364,7 @@ def machine_description() -> dict:
     return {"cpu": model, "cores_usable": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "numpy": np.__version__, "blas": blas,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
             "load_average_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -345,6 +393,9 @@ def main(argv=None) -> int:
                     help="seconds of sleep before each timed block (idle BLAS threads)")
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="also report peak memory per optimiser")
+    ap.add_argument("--memory-steps", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)     # the child process of --memory
     ap.add_argument("--json", help="write all figures to this file")
     args = ap.parse_args(argv)
     optimizers = [o for o in args.optimizers.split(",") if o]
@@ -355,6 +406,10 @@ def main(argv=None) -> int:
     for s in sizes:
         if s not in SIZES:
             ap.error(f"--sizes: unknown {s!r} (known: {sorted(SIZES)})")
+    if args.memory_probe:
+        with threadpool_limits(1):
+            print(json.dumps(memory_probe(SIZES[sizes[0]], args.memory_probe, args.memory_steps)))
+        return 0
 
     torch = None
     if not args.no_torch:
@@ -366,26 +421,29 @@ def main(argv=None) -> int:
 
     info = machine_description()
     print(f"machine: {info['cpu']}, {info['cores_usable']} usable cores; numpy {info['numpy']}; "
-          f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}; load average {info['load_average_1min']:.2f} "
-          f"(other processes share these cores); {info['date']}")
+          f"OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}, OPENBLAS_L2_SIZE={info['OPENBLAS_L2_SIZE']}; "
+          f"load average {info['load_average_1min']:.2f} (other processes share these cores); {info['date']}")
     for lib in info["blas"]:
         print(f"  BLAS: {lib['internal_api']} {lib['version']} ({lib['architecture']}) {lib['filepath']}")
     if torch is not None:
         print(f"  torch {torch.__version__}")
-    report = {"machine": info, "args": vars(args), "runs": []}
+    report = {"machine": info, "args": vars(args), "runs": [], "memory": []}
     ng_config = OptimizerConfig()
     for size_name in sizes:
         size = SIZES[size_name]
         N = size.minibatch
-        sgd = sgd_macs(size.net, N)
-        straight = online_extra_macs(size.net, N, ng_config, factored=False)
-        factored = online_extra_macs(size.net, N, ng_config, factored=True)
+        macs = multiply_adds(size, ng_config)
+        sgd = macs["sgd_macs"]
         print(f"\n=== size {size_name}: {size.net.input_dim} -> {size.net.num_hidden_layers} x "
               f"({size.net.pnorm_input_dim} p-norm -> {size.net.pnorm_output_dim}) -> "
               f"{size.net.num_classes}, minibatch {N}")
-        print(f"  multiply-adds per minibatch: SGD {sgd / 1e6:,.1f} M; NG-online extra "
-              f"{straight / 1e6:,.1f} M straightforward (floor ratio {1 + straight / sgd:.3f}), "
-              f"{factored / 1e6:,.1f} M factored as implemented (floor ratio {1 + factored / sgd:.3f})")
+        print(f"  multiply-adds per minibatch (ngsgd_mpi.costs): SGD {sgd / 1e6:,.1f} M; NG-online extra "
+              f"{macs['ng_online_extra_macs_straightforward'] / 1e6:,.1f} M straightforward (floor ratio "
+              f"{1 + macs['ng_online_extra_macs_straightforward'] / sgd:.3f}), "
+              f"{macs['ng_online_extra_macs_factored'] / 1e6:,.1f} M as implemented (floor ratio "
+              f"{1 + macs['ng_online_extra_macs_factored'] / sgd:.3f}); NG-simple extra "
+              f"{macs['ng_simple_extra_macs'] / 1e6:,.1f} M (floor ratio "
+              f"{1 + macs['ng_simple_extra_macs'] / sgd:.3f})")
         batches = make_batches(size)
         for threads in parse_threads(args.threads):
             with threadpool_limits(threads):
@@ -397,32 +455,24 @@ def main(argv=None) -> int:
                 for runner in runners.values():
                     for _ in range(args.warmup):
                         runner.step()
-                times = time_interleaved(runners, args.reps, args.batches, args.settle)
-                medians = {name: statistics.median(v) for name, v in times.items()}
+                wall, cpu = time_interleaved(runners, args.reps, args.batches, args.settle)
+                medians = {name: statistics.median(v) for name, v in wall.items()}
+                cpu_medians = {name: statistics.median(v) for name, v in cpu.items()}
                 print(f"\n  threads {threads}: median ms per minibatch over {args.reps} interleaved "
                       f"repetitions of {args.batches} (load average now {os.getloadavg()[0]:.2f})")
                 for name, t in medians.items():
-                    print(f"    {name:<10} {1e3 * t:9.2f} ms   ({N / t:,.0f} frames/s)")
-                ratios = {}
-                base = "sgd" if "sgd" in times else None
-                if base:
-                    for name in times:
-                        if name != base:
-                            ratios[f"{name}/{base}"] = statistics.median(
-                                a / b for a, b in zip(times[name], times[base]))
-                    if "torch-sgd" in times:    # ours relative to the peer, the other way round
-                        ratios = {k: v for k, v in ratios.items() if k != "torch-sgd/sgd"}
-                        ratios["sgd/torch-sgd"] = statistics.median(
-                            a / b for a, b in zip(times["sgd"], times["torch-sgd"]))
+                    print(f"    {name:<10} {1e3 * t:9.2f} ms wall  {1e3 * cpu_medians[name]:9.2f} ms CPU"
+                          f"   ({N / t:,.0f} frames/s)")
+                ratios, ratios_cpu = paired_ratios(wall), paired_ratios(cpu)
                 for name, value in ratios.items():
-                    print(f"    ratio {name:<18} {value:.3f}  (median of paired ratios)")
+                    print(f"    ratio {name:<18} {value:.3f} wall, {ratios_cpu[name]:.3f} CPU  "
+                          f"(medians of paired ratios)")
                 run = {"size": size_name, "threads": threads, "minibatch": N,
-                       "load_average_1min": os.getloadavg()[0],
-                       "sgd_macs": sgd, "ng_online_extra_macs_straightforward": straight,
-                       "ng_online_extra_macs_factored": factored,
+                       "load_average_1min": os.getloadavg()[0], **macs,
                        "ms": {k: 1e3 * v for k, v in medians.items()},
-                       "ms_all": {k: [1e3 * x for x in v] for k, v in times.items()},
-                       "ratios": ratios}
+                       "ms_all": {k: [1e3 * x for x in v] for k, v in wall.items()},
+                       "cpu_ms": {k: 1e3 * v for k, v in cpu_medians.items()},
+                       "ratios": ratios, "ratios_cpu": ratios_cpu}
                 if not args.no_breakdown:
                     tables = breakdown(size, optimizers, batches, args.breakdown_reps, args.batches,
                                        args.settle)
@@ -431,6 +481,8 @@ def main(argv=None) -> int:
                                                   for (label, part), v in table.items()}
                                            for name, table in tables.items()}
                 report["runs"].append(run)
+        if args.memory:
+            report["memory"] += memory_report(size_name, optimizers, args.memory_steps)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
