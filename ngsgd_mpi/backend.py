@@ -82,6 +82,18 @@ def device() -> str:
     return _device
 
 
+def device_description() -> str:
+    """What the selected device is, in words (for logs and reports)."""
+    if _device == "gpu":
+        properties = _cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)
+        name = properties["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        return f"{name}, {properties['totalGlobalMem'] / 2 ** 30:.0f} GiB; CuPy {_cupy.__version__}"
+    if _device == "standin":
+        return "the CuPy stand-in (NumPy behind a device wall; ngsgd_mpi.standin)"
+    return f"CPU (NumPy {np.__version__})"
+
+
 def xp():
     """The array module for new arrays (numpy, cupy or the stand-in's)."""
     if _device == "gpu":

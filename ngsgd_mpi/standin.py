@@ -140,7 +140,7 @@ def _operand(value, where: str, upload: bool = False):
 
 
 def _kwargs(kwargs, where):
-    return {k: (_operand(v, where) if k == "out" else v) for k, v in kwargs.items()}
+    return {k: _operand(v, f"{where}({k}=...)") for k, v in kwargs.items()}
 
 
 class DeviceArray:
@@ -330,7 +330,7 @@ DeviceArray.__invert__ = lambda self: DeviceArray(~self._a)
 
 # The CuPy functions this package uses (all exist in CuPy with these semantics).
 FUNCTIONS = (
-    "abs", "add", "all", "any", "arange", "argmax", "clip", "concatenate", "diag", "divide",
+    "abs", "add", "all", "any", "arange", "argmax", "bincount", "clip", "concatenate", "diag", "divide",
     "dot", "einsum", "empty", "empty_like", "exp", "eye", "full", "isfinite", "log", "matmul",
     "maximum", "minimum", "multiply", "ones", "outer", "sign", "sqrt", "square", "stack",
     "subtract", "sum", "tril", "triu", "vdot", "where", "zeros", "zeros_like",

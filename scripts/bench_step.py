@@ -113,9 +113,10 @@ class NumpyRunner:
 
 
 class TorchRunner:
-    """The same network and plain SGD step in PyTorch (CPU, float32)."""
+    """The same network and plain SGD step in PyTorch (float32; ``device``
+    "cpu" or "cuda", the GPU self-test's peer)."""
 
-    def __init__(self, size: Size, batches, torch):
+    def __init__(self, size: Size, batches, torch, device: str = "cpu"):
         self.torch = torch
         net = Network(size.net, seed=0)          # same initial weights
         cfg = size.net
@@ -125,10 +126,10 @@ class TorchRunner:
             with torch.no_grad():
                 linear.weight.copy_(torch.from_numpy(layer.linear.copy()))
                 linear.bias.copy_(torch.from_numpy(layer.bias.copy()))
-            self.linears.append(linear)
+            self.linears.append(linear.to(device))
         self.params = [p for lin in self.linears for p in lin.parameters()]
         self.group = cfg.pnorm_input_dim // cfg.pnorm_output_dim
-        self.batches = [(torch.from_numpy(X), torch.from_numpy(labels.astype(np.int64)))
+        self.batches = [(torch.from_numpy(X).to(device), torch.from_numpy(labels.astype(np.int64)).to(device))
                         for X, labels in batches]
         self.optimizer = torch.optim.SGD(self.params, lr=LEARNING_RATE)
         self.k = 0

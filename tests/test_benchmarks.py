@@ -6,11 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import synthetic
-from ngsgd_mpi import backend
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -78,23 +76,28 @@ def test_bench_scaling_tiny(tmp_path):
     assert all(r["cpu_ms_per_1000_frames"] > 0 for r in results)
 
 
-def test_gpu_selftest_without_cupy_fails_clearly():
+def test_gpu_selftest_without_a_gpu_tests_nothing_and_says_so():
     if importlib.util.find_spec("cupy") is not None:
         pytest.skip("CuPy is installed here: the no-GPU exit is not reachable")
     res = synthetic.run([sys.executable, str(SCRIPTS / "gpu_selftest.py")], timeout=60)
     assert res.returncode == 2
-    assert "CuPy is not installed" in res.stderr and "nothing was tested" in res.stderr
+    assert "no usable GPU" in res.stderr and "nothing was tested" in res.stderr
 
 
-def test_gpu_selftest_checks_pass_with_numpy_standing_in_for_cupy(monkeypatch, capsys):
-    """The comparison logic itself (not the GPU): NumPy on both sides must agree exactly."""
-    spec = importlib.util.spec_from_file_location("gpu_selftest", SCRIPTS / "gpu_selftest.py")
-    selftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(selftest)
-    monkeypatch.setattr(backend, "use_device", lambda device: None)
-    report = selftest.Report()
-    selftest.check_preconditioner(np, report)
-    selftest.check_network_and_steps(np, "small", report)
-    out = capsys.readouterr().out
-    assert report.failures == 0, out
-    assert out.count("[ok]") >= 20 and "FAIL" not in out
+def test_gpu_selftest_runs_end_to_end_on_the_standin(tmp_path):
+    """Sections 1-4 at small sizes on the CuPy stand-in (section 5 trains twice for
+    a minute; docs/gpu.md records its stand-in run): the golden cases agree, the
+    transfer counts match the design, the two-rank averaging is correct."""
+    out = tmp_path / "gpu.json"
+    stdout = run_script("gpu_selftest.py", "--standin", "--sections", "1,2,3,4", "--check-size", "tiny",
+                        "--sizes", "tiny", "--reps", "1", "--timeout", "120", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["standin"] and report["failures"] == 0 and not report["skipped"], stdout
+    assert stdout.count("[ok]") >= 100 and "FAIL" not in stdout
+    transfers = report["figures"]["transfers_per_minibatch"]
+    assert transfers["sgd"]["step"] == [0] * 8 and transfers["ng-simple"]["step"] == [0] * 8
+    assert sum(n > 0 for n in transfers["ng-online"]["step"]) == 2
+    assert all(n == 1 for name in transfers for n in transfers[name]["train_gradients"])
+    averaging = report["figures"]["allreduce"]
+    assert averaging["ranks"] == 2 and averaging["staged"]["correct"]
+    assert {"ng-online/sgd", "ng-simple/sgd"} <= set(report["figures"]["ratios_tiny"])
