@@ -20,12 +20,13 @@ Host transfers go through :func:`to_host` / :func:`to_device` /
 (:func:`transfer_counts`), which is how the GPU self-test and the stand-in
 tests check the design of one small transfer per layer per Fisher update.
 
-:func:`spd_inverse` is the one factorisation the engine needs on the device
-(simple NG): Cholesky + inverse (LAPACK potrf + potri, Kaldi's
-``SymInvertPosDef``), through NumPy's own OpenBLAS on the CPU -- one BLAS
-and one thread pool (a second OpenBLAS, e.g. SciPy's, busy-waits against
-NumPy's with 2 threads: see docs/benchmarks.md) -- with ``numpy.linalg.inv``
-as the fallback where that library does not export LAPACKE.
+:func:`gemm` (``C <- alpha A B + beta C`` without a product temporary) and
+:func:`spd_inverse` (simple NG's Cholesky + inverse, LAPACK potrf + potri as
+Kaldi's ``SymInvertPosDef``) call NumPy's own OpenBLAS on the CPU through
+ctypes -- one BLAS and one thread pool (a second OpenBLAS, e.g. SciPy's,
+busy-waits against NumPy's with 2 threads: see docs/benchmarks.md) -- and
+fall back to ``numpy.matmul`` / ``numpy.linalg.inv`` where that library does
+not export CBLAS/LAPACKE; on a device they use the array module.
 
 GPU paths have NOT run on a real GPU in this project (there is none); the
 stand-in checks where data moves, and tests run the engine on it.
@@ -163,12 +164,14 @@ def transfer_counts() -> dict:
 def implicit_syncs_forbidden():
     """Inside, a host read of device data other than :func:`to_host` raises
     (stand-in: ``standin.ImplicitSync``; CuPy: ``cupyx.DeviceSynchronized``,
-    which CuPy detects for transfers it makes itself).  No effect on NumPy."""
+    which CuPy detects for transfers it makes itself, while it has
+    ``cupyx.allow_synchronize``, see :func:`implicit_syncs_detectable`).  No
+    effect on NumPy."""
     global _forbidding_syncs
     if _device == "standin":
         with _standin.implicit_syncs("raise"):
             yield
-    elif _device == "gpu":
+    elif _device == "gpu" and implicit_syncs_detectable():
         import cupyx  # noqa: PLC0415
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")         # allow_synchronize is deprecated in CuPy
@@ -180,6 +183,18 @@ def implicit_syncs_forbidden():
                 _forbidding_syncs = previous
     else:
         yield
+
+
+def implicit_syncs_detectable() -> bool:
+    """Whether :func:`implicit_syncs_forbidden` can detect anything here (NumPy:
+    nothing to detect; CuPy: only while it still ships the deprecated
+    ``cupyx.allow_synchronize``)."""
+    if _device == "standin":
+        return True
+    if _device != "gpu":
+        return False
+    import cupyx  # noqa: PLC0415
+    return hasattr(cupyx, "allow_synchronize")
 
 
 @contextlib.contextmanager
@@ -195,6 +210,103 @@ def _syncs_allowed():
 
 
 # ----------------------------------------------------------------------------- linear algebra
+
+def gemm(alpha: float, A, B, beta: float, C, work=None):
+    """``C <- alpha A B + beta C`` in place (2-D); returns C.  Host arrays whose
+    layouts BLAS takes (each operand row- or column-major with unit stride,
+    C row-major) go to NumPy's own OpenBLAS sgemm/dgemm, which accumulates
+    into C without a temporary: NumPy's matmul cannot, and every
+    ``C += A @ B`` then costs a product buffer and two passes over C.  Else
+    (devices, odd strides): the product into ``work`` (or a new array), then
+    the update."""
+    if type(C) is np.ndarray and _host_gemm(alpha, A, B, beta, C):
+        return C
+    product = array_module(C).matmul(A, B, out=work)
+    if beta == 0.0:
+        if alpha != 1.0:
+            product *= alpha
+        C[...] = product
+        return C
+    if beta != 1.0:
+        C *= beta
+    if alpha == -1.0:
+        C -= product
+    else:
+        if alpha != 1.0:
+            product *= alpha
+        C += product
+    return C
+
+
+_BLAS_GEMM = None              # {dtype: (routine, c scalar type)} or {} when not reachable
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+
+def _blas_layout(M, itemsize):
+    """(transpose flag, leading dimension) of a 2-D operand for row-major BLAS, or None."""
+    rows, cols = M.shape
+    s0, s1 = M.strides
+    if s1 == itemsize and s0 % itemsize == 0 and s0 // itemsize >= max(1, cols):
+        return _NO_TRANS, s0 // itemsize
+    if s0 == itemsize and s1 % itemsize == 0 and s1 // itemsize >= max(1, rows):
+        return _TRANS, s1 // itemsize
+    return None
+
+
+def _host_gemm(alpha, A, B, beta, C) -> bool:
+    routines = _blas_gemm().get(C.dtype)
+    if (routines is None or type(A) is not np.ndarray or type(B) is not np.ndarray
+            or A.dtype != C.dtype or B.dtype != C.dtype or A.ndim != 2 or B.ndim != 2 or C.ndim != 2):
+        return False
+    (M, K), (K2, N) = A.shape, B.shape
+    if K != K2 or C.shape != (M, N) or min(M, N, K) < 1:
+        return False
+    size = C.itemsize
+    a, b = _blas_layout(A, size), _blas_layout(B, size)
+    if a is None or b is None or C.strides[1] != size or C.strides[0] < max(1, N) * size:
+        return False
+    if np.may_share_memory(C, A) or np.may_share_memory(C, B):
+        return False
+    routine, scalar = routines
+    routine(_ROW_MAJOR, a[0], b[0], M, N, K, scalar(alpha), A.ctypes.data, a[1], B.ctypes.data, b[1],
+            scalar(beta), C.ctypes.data, C.strides[0] // size)
+    return True
+
+
+def _numpy_openblas():
+    """ctypes handles of the OpenBLAS libraries NumPy itself loaded (not SciPy's)."""
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    return [ctypes.CDLL(lib["filepath"]) for lib in threadpool_info()
+            if lib.get("internal_api") == "openblas"
+            and os.path.relpath(lib["filepath"], numpy_dir).startswith("numpy")]
+
+
+def _blas_gemm():
+    global _BLAS_GEMM
+    if _BLAS_GEMM is not None:
+        return _BLAS_GEMM
+    _BLAS_GEMM = {}
+    try:
+        for library in _numpy_openblas():
+            for prefix, suffix, int_type in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
+                                             ("", "", ctypes.c_int32)):
+                names = {np.dtype(np.float32): (f"{prefix}cblas_sgemm{suffix}", ctypes.c_float),
+                         np.dtype(np.float64): (f"{prefix}cblas_dgemm{suffix}", ctypes.c_double)}
+                if not all(hasattr(library, name) for name, _ in names.values()):
+                    continue
+                for dtype, (name, scalar) in names.items():
+                    routine = getattr(library, name)
+                    routine.restype = None
+                    routine.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, int_type, int_type, int_type,
+                                        scalar, ctypes.c_void_p, int_type, ctypes.c_void_p, int_type,
+                                        scalar, ctypes.c_void_p, int_type)
+                    _BLAS_GEMM[dtype] = (routine, scalar)
+                return _BLAS_GEMM
+    except (OSError, ImportError):        # pragma: no cover - an unusual NumPy build
+        _BLAS_GEMM = {}
+    return _BLAS_GEMM
+
 
 def spd_inverse(S):
     """The inverse of a symmetric positive definite matrix (float32/float64,
@@ -221,13 +333,7 @@ def _lapack_routines():
         return _LAPACK_ROUTINES
     _LAPACK_ROUTINES = {}
     try:
-        from threadpoolctl import threadpool_info  # noqa: PLC0415
-        numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
-        paths = [lib["filepath"] for lib in threadpool_info()     # NumPy's own, not SciPy's
-                 if lib.get("internal_api") == "openblas"
-                 and os.path.relpath(lib["filepath"], numpy_dir).startswith("numpy")]
-        for path in paths:
-            library = ctypes.CDLL(path)
+        for library in _numpy_openblas():
             for prefix, suffix, int_type in (("scipy_", "64_", ctypes.c_int64),
                                              ("", "64_", ctypes.c_int64), ("", "", ctypes.c_int32)):
                 names = {t: (f"{prefix}LAPACKE_{t}potrf_work{suffix}",

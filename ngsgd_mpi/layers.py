@@ -31,11 +31,11 @@ Device arrays: nothing here reads device data on the host, and only CuPy's
 subset of the NumPy API is used (e.g. no ``einsum(out=...)``); the
 stand-in tests (tests/test_backend.py) run every layer on a device stand-in.
 
-:func:`matmul_add` (``C += alpha A B`` through a reusable product buffer)
-serves the updaters.  Every GEMM goes through the array module's own BLAS
-(NumPy's OpenBLAS on the host): SciPy's BLAS could accumulate in place
-(gemm with beta = 1) but is a second OpenBLAS with its own thread pool, and
-two pools busy-waiting against each other made 2-thread GEMMs ~4x slower.
+:func:`matmul_add` (``C += alpha A B``) serves the updaters: on the host one
+GEMM with beta = 1 in NumPy's own OpenBLAS (``backend.gemm``), no product
+buffer.  (SciPy's BLAS could do the same but is a second OpenBLAS with its
+own thread pool, and two pools busy-waiting against each other made 2-thread
+GEMMs ~4x slower.)
 
 Components:
 
@@ -78,19 +78,11 @@ LOG_SOFTMAX_FLOOR = math.log(SOFTMAX_FLOOR)
 
 
 def matmul_add(C, A, B, alpha: float = 1.0, work=None):
-    """``C += alpha * (A @ B)`` in place for 2-D arrays; returns C.  The
-    product is written into ``work`` (an array of C's shape and dtype, e.g. a
-    buffer the caller reuses, so no large temporary is allocated) or a new
-    array.  Scaling a small operand beforehand is cheaper than ``alpha``."""
-    xp = backend.array_module(C)
-    product = xp.matmul(A, B, out=work)
-    if alpha == -1.0:
-        C -= product
-        return C
-    if alpha != 1.0:
-        product *= alpha
-    C += product
-    return C
+    """``C += alpha * (A @ B)`` in place for 2-D arrays; returns C.  One BLAS
+    call accumulating into C on the host (``backend.gemm``); elsewhere the
+    product goes into ``work`` (an array of C's shape and dtype the caller
+    reuses, so no large temporary is allocated) or a new array."""
+    return backend.gemm(alpha, A, B, 1.0, C, work=work)
 
 
 def _check_matrix(X, dim: int, what: str) -> None:

@@ -432,10 +432,14 @@ class OnlineNaturalGradient:
             tr_X = _squared_norm(X)
             if out is None:     # a factored request formed after all: X̂ in the workspace
                 out = work.array("X_hat", X.shape, X.dtype, xp) if factored else xp.empty_like(X)
-            # X̂ = X − H W; H W goes straight into out unless out overlaps X.
-            HW = work.array("HW", X.shape, X.dtype, xp) if xp.may_share_memory(X, out) else out
-            xp.matmul(H, W, out=HW)
-            X_hat = xp.subtract(X, HW, out=out)
+            # X̂ = X − H W: in place one GEMM accumulating into X (backend.gemm); else
+            # H W straight into out, unless out overlaps X.
+            if out is X:
+                X_hat = backend.gemm(-1.0, H, W, 1.0, X, work=work.array("HW", X.shape, X.dtype, xp))
+            else:
+                HW = work.array("HW", X.shape, X.dtype, xp) if xp.may_share_memory(X, out) else out
+                xp.matmul(H, W, out=HW)
+                X_hat = xp.subtract(X, HW, out=out)
             if row_norms:
                 rows = xp.einsum("ij,ij->i", X_hat, X_hat)
                 tr_X_hat = rows.sum()

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Time one ``OnlineNaturalGradient.precondition`` call at the sizes of the Kaldi
-timing table (shared/reference/golden/README.md) and print Kaldi's figures beside.
+timing table (shared/reference/golden/README.md) and print Kaldi's figures beside:
+the table's (another machine) and, with ``--kaldi``, Kaldi's own code run here.
 
-    .venv/bin/python scripts/bench_precondition.py [--threads 1] [--blocks 7] [--json out.json]
+    .venv/bin/python scripts/bench_precondition.py [--threads 1] [--blocks 7] [--json out.json] \
+        [--kaldi path/to/kaldi_timing] [--rounds 3]
 
 Protocol, as the Kaldi figures were taken: steady state (12 warm-up calls
 first), inputs N x D float32 (low rank plus noise, cycling through 8
@@ -15,9 +17,14 @@ works in place like Kaldi's ``PreconditionDirections(&X)``: the minibatch is
 copied into a fixed buffer (the copy is timed too) and ``precondition(buf,
 out=buf)`` overwrites it.
 
-Kaldi's figures were measured on another machine (AMD EPYC, OpenBLAS
-"Cooperlake" kernels, 1 thread): a ratio here compares implementations
-across machines, ± the ~15 % the README states for its own figures.
+Kaldi's table was measured on another machine (AMD EPYC, OpenBLAS
+"Cooperlake" kernels, 1 thread): a ratio against it compares implementations
+across machines, ± the ~15 % the README states for its own figures.  With
+``--kaldi BINARY`` (scripts/kaldi_precondition_timing.cc, built against
+Kaldi's sources, see its header) Kaldi's nnet2 and nnet3 classes are timed
+on this machine with the same protocol, alternating with ours ``--rounds``
+times (the minimum of each side is kept), so a shared machine's load hits
+both alike.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -80,6 +88,14 @@ def time_calls(N, D, rank, period, schedule, blocks, min_seconds):
     return 1e3 * min(cpu), 1e3 * statistics.median(wall)
 
 
+def kaldi_here(binary, N, D, rank, period, threads, blocks, min_seconds) -> dict:
+    """{schedule: min CPU ms per call} of Kaldi's classes, run by the timing binary."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([binary, str(N), str(D), str(rank), str(period), str(blocks), str(min_seconds)],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    return {line.split()[0]: float(line.split()[-1]) for line in out.splitlines() if line.strip()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads (Kaldi's table: 1)")
@@ -87,7 +103,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-seconds", type=float, default=0.15, help="work per block")
     ap.add_argument("--sizes", help="comma list of NxD:rank:period (default: the Kaldi table)")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--kaldi", help="Kaldi timing binary (scripts/kaldi_precondition_timing.cc)")
+    ap.add_argument("--rounds", type=int, default=3, help="with --kaldi: alternations of ours and Kaldi's")
     args = ap.parse_args(argv)
+    if args.kaldi and not os.access(args.kaldi, os.X_OK):
+        ap.error(f"--kaldi: {args.kaldi} is not an executable file")
     configs = list(KALDI_MS)
     if args.sizes:
         configs = []
@@ -103,20 +123,36 @@ def main(argv=None) -> int:
         print(f"OnlineNaturalGradient.precondition, float32, {args.threads} BLAS thread(s); "
               f"min CPU ms/call over {args.blocks} blocks (median wall ms in brackets); "
               f"load average {os.getloadavg()[0]:.2f}; {time.strftime('%Y-%m-%d %H:%M')}")
-        print(f"{'N x D':>12} {'rank':>5} {'P':>3} | {'nnet2':>15} {'Kaldi':>7} {'ratio':>6} | "
-              f"{'nnet3':>15} {'Kaldi':>7} {'ratio':>6}")
+        here = " | Kaldi here  ratio" if args.kaldi else ""
+        print(f"{'N x D':>12} {'rank':>5} {'P':>3} | {'schedule':>8} {'ours':>15} | {'Kaldi table':>11} "
+              f"{'ratio':>6}{here}")
         for N, D, rank, period in configs:
-            kaldi = KALDI_MS.get((N, D, rank, period), (None, None))
+            table = dict(zip(("nnet3", "nnet2"), KALDI_MS.get((N, D, rank, period), (None, None))))
             row = {"N": N, "D": D, "rank": rank, "period": period}
-            cells = []
-            for schedule, kaldi_ms in (("nnet2", kaldi[1]), ("nnet3", kaldi[0])):
-                cpu, wall = time_calls(N, D, rank, period, schedule, args.blocks, args.min_seconds)
-                ratio = cpu / kaldi_ms if kaldi_ms else None
-                row[schedule] = {"cpu_ms": cpu, "wall_ms": wall, "kaldi_ms": kaldi_ms,
-                                 "ratio": ratio}
-                cells.append(f"{cpu:6.3f} ({wall:6.3f}) {kaldi_ms if kaldi_ms else '-':>7} "
-                             f"{ratio if ratio else float('nan'):6.2f}")
-            print(f"{N:>5} x {D:<5} {rank:>5} {period:>3} | " + " | ".join(cells))
+            ours = {s: [] for s in ("nnet2", "nnet3")}
+            kaldi = {s: [] for s in ("nnet2", "nnet3")}
+            for _ in range(args.rounds if args.kaldi else 1):
+                for schedule in ("nnet2", "nnet3"):
+                    ours[schedule].append(time_calls(N, D, rank, period, schedule, args.blocks,
+                                                     args.min_seconds))
+                if args.kaldi:
+                    for schedule, ms in kaldi_here(args.kaldi, N, D, rank, period, args.threads,
+                                                   args.blocks, args.min_seconds).items():
+                        kaldi[schedule].append(ms)
+            for schedule in ("nnet2", "nnet3"):
+                cpu = min(c for c, _ in ours[schedule])
+                wall = min(w for _, w in ours[schedule])
+                ratio = cpu / table[schedule] if table[schedule] else None
+                cell = {"cpu_ms": cpu, "wall_ms": wall, "kaldi_ms": table[schedule], "ratio": ratio}
+                line = (f"{N:>5} x {D:<5} {rank:>5} {period:>3} | {schedule:>8} {cpu:6.3f} ({wall:6.3f}) | "
+                        f"{table[schedule] if table[schedule] else '-':>11} "
+                        f"{ratio if ratio else float('nan'):6.2f}")
+                if args.kaldi:
+                    cell["kaldi_here_ms"] = min(kaldi[schedule])
+                    cell["ratio_here"] = cpu / cell["kaldi_here_ms"]
+                    line += f" | {cell['kaldi_here_ms']:10.3f} {cell['ratio_here']:6.2f}"
+                row[schedule] = cell
+                print(line)
             rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
