@@ -75,3 +75,33 @@ def test_spd_inverse_uses_numpys_lapack_and_rejects_indefinite_matrices():
         backend.spd_inverse(np.diag([1.0, -1.0, 2.0]))
     with pytest.raises(ValueError, match="square"):
         backend.spd_inverse(np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 2e-5), (np.float64, 1e-12)])
+def test_gemm_accumulates_in_place_for_every_layout(dtype, tolerance, restore_cpu):
+    """C <- alpha A B + beta C: through BLAS for C of >= GEMM_MIN_OUTPUT elements
+    (C-, Fortran-ordered, strided and transposed operands), through matmul below
+    that, for strides BLAS cannot take, and on the device."""
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((300, 40)).astype(dtype)
+    B = rng.standard_normal((40, 260)).astype(dtype)
+    wide = rng.standard_normal((300, 50)).astype(dtype)
+    operands_A = [A, np.asfortranarray(A), wide[:, 5:45], rng.standard_normal((40, 300)).astype(dtype).T,
+                  rng.standard_normal((300, 80)).astype(dtype)[:, ::2]]          # last: no unit stride
+    operands_B = [B, np.asfortranarray(B), rng.standard_normal((40, 270)).astype(dtype)[:, 3:263]]
+    for a in operands_A:
+        for b in operands_B:
+            for alpha, beta in ((1.0, 1.0), (-1.0, 1.0), (0.5, 0.0), (2.0, 0.25)):
+                C = rng.standard_normal((300, 260)).astype(dtype)
+                expected = alpha * (a.astype(np.float64) @ b) + beta * C
+                assert backend.gemm(alpha, a, b, beta, C) is C
+                np.testing.assert_allclose(C, expected, rtol=tolerance, atol=tolerance * 40)
+    assert backend._blas_gemm() and 300 * 260 >= backend.GEMM_MIN_OUTPUT
+    small = np.ones((4, 5), dtype)
+    backend.gemm(1.0, np.ones((4, 3), dtype), np.ones((3, 5), dtype), 1.0, small)   # below the threshold
+    np.testing.assert_array_equal(small, 4.0)
+    backend.use_device("standin")
+    C = backend.to_device(np.ones((300, 260), dtype))
+    backend.gemm(-1.0, backend.to_device(A), backend.to_device(B), 1.0, C)
+    np.testing.assert_allclose(backend.to_host(C), 1.0 - A.astype(np.float64) @ B, rtol=tolerance,
+                               atol=tolerance * 40)
