@@ -217,11 +217,12 @@ def gemm(alpha: float, A, B, beta: float, C, work=None):
     C row-major) go to NumPy's own OpenBLAS sgemm/dgemm, which accumulates
     into C without a temporary: NumPy's matmul cannot, and every
     ``C += A @ B`` then costs a product buffer and two passes over C.  Else
-    (devices, odd strides): the product into ``work`` (or a new array), then
-    the update."""
+    (devices, odd strides): the product into ``work`` (an array like C, or a
+    function returning one, called only then; None: a new array), then the
+    update."""
     if type(C) is np.ndarray and C.size >= GEMM_MIN_OUTPUT and _host_gemm(alpha, A, B, beta, C):
         return C
-    product = array_module(C).matmul(A, B, out=work)
+    product = array_module(C).matmul(A, B, out=work() if callable(work) else work)
     if beta == 0.0:
         if alpha != 1.0:
             product *= alpha

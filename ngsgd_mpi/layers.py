@@ -81,7 +81,8 @@ def matmul_add(C, A, B, alpha: float = 1.0, work=None):
     """``C += alpha * (A @ B)`` in place for 2-D arrays; returns C.  One BLAS
     call accumulating into C on the host (``backend.gemm``); elsewhere the
     product goes into ``work`` (an array of C's shape and dtype the caller
-    reuses, so no large temporary is allocated) or a new array."""
+    reuses, so no large temporary is allocated, or a function returning one)
+    or a new array."""
     return backend.gemm(alpha, A, B, 1.0, C, work=work)
 
 

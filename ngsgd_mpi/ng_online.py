@@ -435,7 +435,8 @@ class OnlineNaturalGradient:
             # X̂ = X − H W: in place one GEMM accumulating into X (backend.gemm); else
             # H W straight into out, unless out overlaps X.
             if out is X:
-                X_hat = backend.gemm(-1.0, H, W, 1.0, X, work=work.array("HW", X.shape, X.dtype, xp))
+                X_hat = backend.gemm(-1.0, H, W, 1.0, X,
+                                     work=lambda: work.array("HW", X.shape, X.dtype, xp))
             else:
                 HW = work.array("HW", X.shape, X.dtype, xp) if xp.may_share_memory(X, out) else out
                 xp.matmul(H, W, out=HW)
@@ -531,7 +532,7 @@ class OnlineNaturalGradient:
         sqrt_e0 = math.sqrt(1.0 / (2.0 + (D + R) * self.alpha / D))   # e_i when d = rho = eps
         self.state = OnlineNGState(W=backend.to_device(sqrt_e0 * Rmat0, dtype=X0.dtype, like=X0),
                                    d=np.full(R, EPSILON), rho=EPSILON, dim=D, rank=R)
-        scratch = self.work.array("initial_out", X0.shape, X0.dtype, xp)
+        scratch = xp.empty_like(X0)              # once per reset: not kept in the workspace
         for _ in range(self.schedule.initial_passes(N, R)):
             self._pending = self._apply(X0, scratch, False, False, updating=True)[3]
             self._finish_pending()

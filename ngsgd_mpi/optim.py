@@ -119,6 +119,11 @@ class Updater(abc.ABC):
     def _finish_step(self) -> None:
         """Work left after every layer's update is queued (nothing by default)."""
 
+    def _product_buffer(self, layer, xp):
+        """A D_out x D_in buffer for a product where BLAS cannot accumulate (a
+        function: allocated only when used)."""
+        return lambda: self.work.array("product", layer.linear.shape, layer.linear.dtype, xp)
+
     def _extended(self, X):
         """``[X, 1]`` in a reused N x (D_in + 1) buffer."""
         xp = backend.array_module(X)
@@ -186,8 +191,7 @@ class SgdUpdater(Updater):
         xp = backend.array_module(X)
         layer.bias += lr * G.sum(axis=0)
         scaled = xp.multiply(X, lr, out=self.work.array("scaled", X.shape, X.dtype, xp))
-        matmul_add(layer.linear, G.T, scaled,
-                   work=self.work.array("product", layer.linear.shape, layer.linear.dtype, xp))
+        matmul_add(layer.linear, G.T, scaled, work=self._product_buffer(layer, xp))
 
 
 class OnlineNgUpdater(Updater):
@@ -253,7 +257,7 @@ class OnlineNgUpdater(Updater):
         # [A, b] += Ĝᵀ X̂ (X̂ = xe: its first D_in columns, then the bias column)
         residual = isinstance(g_hat, LowRankResidual)
         direction = g_hat.X if residual else g_hat             # G, or Ĝ formed in place
-        work = self.work.array("product", layer.linear.shape, layer.linear.dtype, xp)
+        work = self._product_buffer(layer, xp)
         _add_outer(layer, direction, xe, work)
         if residual:                                           # subtract W_gᵀ (H_gᵀ X̂)
             HtX = xp.matmul(g_hat.H.T, xe)                     # r x (D_in + 1)
@@ -305,7 +309,7 @@ class SimpleNgUpdater(Updater):
             coefficient = _scale_down_to(total, self.config.max_change, xp) * lr
         xp_scaled = x.Q                                      # Xp times the step's scale
         xp_scaled *= (x.row_scale * coefficient)[:, None]
-        work = self.work.array("product", layer.linear.shape, layer.linear.dtype, xp)
+        work = self._product_buffer(layer, xp)
         if g.Q is not None:                                  # Gp formed: Gpᵀ (scaled Xp)
             g_scaled = g.Q
             g_scaled *= g.row_scale[:, None]

@@ -28,7 +28,7 @@ What is measured (docs/benchmarks.md has the figures):
   network and plain SGD step, same threads (torch.set_num_threads) and
   minibatch; it joins the interleaved repetitions as "torch-sgd".
 * ``--memory``: each optimiser in a fresh process: peak resident memory
-  (ru_maxrss) and what of it is parameters, optimiser state, work buffers
+  (VmHWM) and what of it is parameters, optimiser state, work buffers
   (layers' activations, updater and preconditioner workspaces) and the
   interpreter with NumPy/BLAS loaded.
 
@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -310,7 +309,10 @@ def print_breakdown(tables: dict) -> None:
 def memory_probe(size: Size, optimizer: str, steps: int) -> dict:
     """In this (fresh) process: peak RSS after ``steps`` minibatches, and its parts."""
     def peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: kB
+        # VmHWM: this process's peak RSS (ru_maxrss would include the parent's: Linux keeps
+        # it across fork and exec).
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024.0
 
     batches = make_batches(size, count=4)
     baseline = peak_mb()                          # interpreter, NumPy, BLAS, the minibatches
@@ -395,6 +397,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-breakdown", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--memory", action="store_true", help="also report peak memory per optimiser")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory report")
     ap.add_argument("--memory-steps", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)     # the child process of --memory
     ap.add_argument("--json", help="write all figures to this file")
@@ -430,7 +433,9 @@ def main(argv=None) -> int:
         print(f"  torch {torch.__version__}")
     report = {"machine": info, "args": vars(args), "runs": [], "memory": []}
     ng_config = OptimizerConfig()
-    for size_name in sizes:
+    for size_name in sizes if args.memory_only else ():
+        report["memory"] += memory_report(size_name, optimizers, args.memory_steps)
+    for size_name in () if args.memory_only else sizes:
         size = SIZES[size_name]
         N = size.minibatch
         macs = multiply_adds(size, ng_config)
