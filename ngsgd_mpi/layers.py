@@ -1,6 +1,6 @@
 """Network components with forward and backward passes (Kaldi nnet2 conventions).
 
-Conventions (spec §0, §5):
+Conventions (Kaldi nnet2's, as its components use them):
 
 * A minibatch has one sample per row: ``X`` is ``N x D``.
 * Training *maximises* the log-likelihood, so backward passes carry
@@ -41,7 +41,7 @@ Components:
 
 * :class:`Affine`         ``Y = X A^T + b``; ``A``, ``b`` are views into the
   network's flat parameter buffer.  Backward caches ``(X, G)`` for the
-  updater (spec §4) and returns ``G A`` with the pre-update parameters.
+  updater (optim.py, (U1)-(U4)) and returns ``G A`` with the pre-update parameters.
 * :class:`FixedAffine`    ``Y = X M^T + m0``: non-trained input transform
   (feature mean/variance normalisation, LDA-like transforms).
 * :class:`Pnorm`          groups of ``G`` contiguous inputs,
