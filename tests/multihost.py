@@ -1,17 +1,19 @@
 """Several "hosts" on one machine, for running ngsgd-train across hosts under MPICH's Hydra.
 
 Each host is a set of fresh Linux namespaces: network (its own ``eth0`` and loopback),
-UTS (its own hostname) and mount (its own ``/etc/hosts``, bind-mounted, listing every
-host).  A further namespace holds a bridge, the "switch"; one veth pair joins each host's
-``eth0`` to it.  Addresses come from one private /24 and exist only inside these
-namespaces: nothing is added to, or reachable from, the machine's own network.  The
-filesystem is shared, as on a cluster with a shared filesystem.
+UTS (its own hostname), IPC, and mount (its own ``/etc/hosts``, bind-mounted, listing every
+host, and its own ``/dev/shm``).  A further namespace holds a bridge, the "switch"; one
+veth pair joins each host's ``eth0`` to it.  Addresses come from one private /24 and exist
+only inside these namespaces: nothing is added to, or reachable from, the machine's own
+network.  The filesystem is shared, as on a cluster with a shared filesystem.
 
 Every namespace is held open by one ``sleep`` process started with ``unshare``; a
-namespace disappears with the last process in it, veth pairs and addresses included.
-The holders get SIGKILL when the test process dies (PR_SET_PDEATHSIG), and
-:meth:`Cluster.stop` kills every process inside the namespaces by PID, so nothing
-outlives the test, however it ends (also on SIGTERM: see :func:`stop_on_sigterm`).
+namespace disappears with the last process in it, veth pairs and addresses included, so
+nothing persists on the machine (no ``/run/netns`` entries).  :meth:`Cluster.stop` kills
+every process inside the namespaces by PID, then the holders; a terminated test run still
+gets there (:func:`stop_on_sigterm`).  If the test process is killed outright, the holders
+get SIGKILL with it (PR_SET_PDEATHSIG) and the namespaces go once the jobs still running
+in them end.
 
 Hydra reaches the hosts the way it reaches cluster nodes with ssh: ``mpiexec -launcher ssh
 -launcher-exec BOOTSTRAP``.  The generated ``BOOTSTRAP`` script takes ssh's arguments
