@@ -28,6 +28,7 @@ HERE = os.path.dirname(__file__)
 REPO = os.path.dirname(HERE)
 TRAIN = [sys.executable, "-m", "ngsgd_mpi.cli"]
 DRIVER = [sys.executable, os.path.join(HERE, "fault_driver.py")]
+HOSTS = ["node1", "node2", "login"]                   # login: runs mpiexec only
 TWO_PLUS_ONE = ["-hosts", "node1:2,node2:1"]          # ranks 0, 1 on node1; rank 2 on node2
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 
@@ -38,7 +39,7 @@ def cluster(tmp_path_factory):
         reason, hosts = multihost.missing_requirements(), None
         if reason is None:
             try:
-                hosts = multihost.Cluster(tmp_path_factory.mktemp("hosts"), ["node1", "node2", "login"]).start()
+                hosts = multihost.Cluster(tmp_path_factory.mktemp("hosts"), HOSTS).start()
             except multihost.ClusterError as exc:
                 reason = str(exc)
         if reason:
@@ -108,7 +109,8 @@ def left_running(hosts, names, grace=5.0):
         time.sleep(0.05)
 
 
-def test_ranks_on_two_hosts_train_to_the_same_parameters_as_on_one_host(cluster, dataset, reference, tmp_path):
+def test_ranks_on_two_hosts_train_to_the_same_parameters_as_on_one_host(cluster, dataset, reference,
+                                                                        tmp_path):
     out = str(tmp_path / "run")
     before = cluster.traffic("node2")
     ok(synthetic.run(launch(cluster, "node1", TWO_PLUS_ONE, TRAIN + args_for(*dataset, out))))
@@ -126,7 +128,8 @@ def test_each_host_counts_its_own_ranks_for_threads_and_gpus(cluster, tmp_path):
     hostfile.write_text("node1:2\nnode2:1\n")
     probe = [os.path.join(REPO, "jobs", "one_gpu_per_rank.sh"), sys.executable,
              os.path.join(HERE, "multihost_probe.py"), str(tmp_path)]
-    ok(synthetic.run(launch(cluster, "login", ["-f", str(hostfile)], probe), env={"CUDA_VISIBLE_DEVICES": "4,5"}))
+    ok(synthetic.run(launch(cluster, "login", ["-f", str(hostfile)], probe),
+                     env={"CUDA_VISIBLE_DEVICES": "4,5"}))
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     cores = len(os.sched_getaffinity(0))
     bound = cores < (os.cpu_count() or cores)        # the test itself runs on a subset of the CPUs
@@ -148,7 +151,8 @@ def test_sigterm_on_one_host_checkpoints_all_and_resume_on_swapped_hosts_is_bit_
     assert proc.returncode == trainer.EXIT_STOPPED, stdout + stderr
     assert "stopped on signal in period 3 after minibatch 2" in stdout
     # every rank now runs on the other host; each reads the state file the other host wrote
-    res = ok(synthetic.run(launch(cluster, "node2", ["-hosts", "node2:2,node1:1"], TRAIN + argv + ["--resume"])))
+    swapped = ["-hosts", "node2:2,node1:1"]
+    res = ok(synthetic.run(launch(cluster, "node2", swapped, TRAIN + argv + ["--resume"])))
     assert "resumed from checkpoint after period 2, minibatch 2" in res.stdout
     assert np.array_equal(final_params(out), final_params(reference))
 
