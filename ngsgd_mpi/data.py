@@ -30,19 +30,23 @@ is in memory, so a partition larger than RAM still trains.
 
 from __future__ import annotations
 
+import glob
 import os
 import queue
+import re
 import threading
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
+from .faults import InputError
+
 FORMAT_NAME = "ngsgd_mpi.partition"
 FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad training data; the message names the file and what was expected."""
 
 
@@ -246,6 +250,26 @@ def _utt_of(info: PartitionInfo, frame: int) -> int:
     return int(np.searchsorted(info.utt_offsets, frame, side="right") - 1)
 
 
+def mean_and_std(feat_sum, feat_sumsq, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and standard deviation from the stored sums (std floored at 1e-5)."""
+    mean = np.asarray(feat_sum, np.float64) / num_frames
+    var = np.asarray(feat_sumsq, np.float64) / num_frames - mean ** 2
+    return mean, np.sqrt(np.maximum(var, 1e-10))
+
+
+def find_partitions(pattern: str) -> list[str]:
+    """Partition files from a glob or a directory, in natural order (train.2 before
+    train.10; partition order decides which rank reads which file)."""
+    def natural(path):
+        return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", path)]
+
+    found = glob.glob(os.path.join(pattern, "*.h5")) if os.path.isdir(pattern) else glob.glob(pattern)
+    paths = sorted(found, key=natural)
+    if not paths:
+        raise DataError(f"option train_data: no partition files match {pattern!r}")
+    return paths
+
+
 def partitions_for_rank(paths: list[str], rank: int, size: int) -> list[str]:
     """Rank r takes partitions r, r+N, r+2N, ...; fewer partitions than ranks is an error."""
     if len(paths) < size:
@@ -417,6 +441,45 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def read_utt_ids(path: str) -> list[str]:
+    """The utterance ids of a partition file, in file order."""
+    with h5py.File(path, "r") as f:
+        if "utt_ids" not in f:
+            raise DataError(f"{path}: dataset 'utt_ids' is missing")
+        return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in f["utt_ids"][()]]
+
+
+class PartitionReader:
+    """Random access to the utterances of one partition file: (features, labels) of
+    utterance u as stored (float16/float32 features)."""
+
+    def __init__(self, info: PartitionInfo):
+        self.info = info
+        self.utt_ids = read_utt_ids(info.path)
+        self._file = h5py.File(info.path, "r")
+        self.feats_dtype = self._file["feats"].dtype
+
+    def __len__(self) -> int:
+        return len(self.utt_ids)
+
+    def read(self, u: int):
+        o = self.info.utt_offsets
+        return self._file["feats"][o[u]:o[u + 1]], self._file["labels"][o[u]:o[u + 1]]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_utterances(path: str, rank: int = 0, size: int = 1):
+    """(utt_id, features) of utterances rank, rank + size, ... of a partition file."""
+    reader = PartitionReader(open_partition(path, scan=False))
+    try:
+        for u in range(rank, len(reader), size):
+            yield reader.utt_ids[u], reader.read(u)[0]
+    finally:
+        reader.close()
 
 
 def iterate_utterance_blocks(info: PartitionInfo, context_left: int, context_right: int,

@@ -7,6 +7,9 @@
   the MPI library is CUDA-aware; otherwise they are staged through a
   persistent host buffer.  The CUDA stream is synchronised first because MPI
   reads device memory outside the stream.
+* :meth:`Dist.agree` runs a step that may fail on bad input on every rank and makes every
+  rank fail together, with every rank's message (no rank is left waiting in a collective).
+* :meth:`Dist.any_flags` ORs a small flag word over ranks (stop / divergence agreement).
 * :meth:`Dist.checkin` is the hang watchdog: before an average every rank
   reports to rank 0 with non-blocking messages; whoever waits longer than
   the timeout aborts the job naming the ranks that did not arrive.
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -26,6 +30,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import backend
+from .faults import InputError
 
 
 def _mpi():
@@ -103,7 +108,21 @@ class Dist:
                 return
         operation(buf)
 
-    def max_flag(self, flag: int) -> int:
+    def agree(self, step):
+        """``step()`` on every rank.  If it raises InputError on any rank, every rank raises
+        InputError holding each distinct message (one per line); else its result.  ``step``
+        may make a collective call only where no rank can have failed before it."""
+        try:
+            result, message = step(), None
+        except InputError as exc:
+            result, message = None, str(exc)
+        messages = self.comm.allgather(message) if self.size > 1 else [message]
+        failed = list(dict.fromkeys(m for m in messages if m))
+        if failed:
+            raise InputError("\n".join(failed))
+        return result
+
+    def any_flags(self, flag: int) -> int:
         """Bitwise OR of a small integer over ranks (stop / divergence agreement)."""
         if self.size == 1:
             return int(flag)
@@ -153,6 +172,16 @@ class Dist:
             self.comm.Allreduce(self.MPI.IN_PLACE, arr, op=self.MPI.SUM)
         return arr
 
+    def sum_named(self, named: dict) -> dict:
+        """Element-wise float64 sums over ranks of several small host arrays, in one Allreduce."""
+        arrays = {k: np.asarray(v, np.float64) for k, v in named.items()}
+        flat = self.sum(np.concatenate([a.ravel() for a in arrays.values()]))
+        out, offset = {}, 0
+        for key, a in arrays.items():
+            out[key] = flat[offset:offset + a.size].reshape(a.shape)
+            offset += a.size
+        return out
+
     def gather(self, values) -> np.ndarray:
         """Rows of a small float64 vector from every rank, (size, len) on all ranks."""
         arr = np.ascontiguousarray(values, dtype=np.float64).ravel()
@@ -178,6 +207,15 @@ class Dist:
 
 def init() -> Dist:
     return Dist()
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the PyPI mpich in a venv), else the one on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = local if os.path.exists(local) else shutil.which("mpiexec")
+    if found is None:
+        raise FileNotFoundError("no mpiexec found: pip install mpich (or load your site's MPI)")
+    return found
 
 
 @contextmanager

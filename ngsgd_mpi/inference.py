@@ -1,29 +1,27 @@
 """ngsgd-forward and ngsgd-eval: run a trained model over features.
 
-Forward (``ngsgd-forward``) writes, per utterance, a (frames x classes)
-float32 matrix as a Kaldi ark/scp (kaldiio):
+Forward (``ngsgd-forward``) writes, per utterance, a (frames x classes) float32 matrix as a
+Kaldi ark/scp (kaldiio):
 
 * ``log-posterior``: ``log p(s | x_t)``, the network output;
 * ``log-likelihood``: the hybrid pseudo log-likelihood
-  ``log p(x_t | s) = log p(s | x_t) - log p(s) + log p(x_t)``; the last term
-  is the same for every state of a frame, so it is dropped, as Kaldi's
-  ``DecodableAmNnet`` / ``nnet3-compute --use-priors`` do.  ``p(s)`` is the
-  model file's ``class_priors`` (training label frequencies), floored at
-  ``--prior-floor`` (not renormalised) so an unseen class cannot give
-  ``log 0``.  This is what ``latgen-faster-mapped`` expects.
+  ``log p(x_t | s) = log p(s | x_t) - log p(s) + log p(x_t)``; the last term is the same for
+  every state of a frame, so it is dropped, as Kaldi's ``DecodableAmNnet`` /
+  ``nnet3-compute --use-priors`` do.  ``p(s)`` is the model file's ``class_priors`` (training
+  label frequencies), floored at ``--prior-floor`` (not renormalised) so an unseen class
+  cannot give ``log 0``.  This is what ``latgen-faster-mapped`` expects.
 
-Frames are spliced with the model's own context (its stored train_config
-``context``), exactly as in training (edge frames repeated), and run in
-batches of about ``--batch-frames`` rows that may span several utterances
-(every layer works row by row, so batching does not change a row's value).
+Frames are spliced with the model's own context, exactly as in training (edge frames
+repeated), and run in batches of about ``--batch-frames`` rows that may span several
+utterances.  Every layer works row by row, so a row's value does not depend on the other
+rows in its batch beyond BLAS summation order (differences up to a few 1e-6).
 
-Several ranks (``mpiexec -n N ngsgd-forward ...``) take utterances
-round-robin (rank r: utterances r, r+N, ...).  Each rank writes
-``out.<r>.ark`` (and ``out.<r>.scp``); rank 0 then writes the requested scp
-with every utterance in input order, pointing into the per-rank arks.
+Several ranks (``mpiexec -n N ngsgd-forward ...``) take utterances round-robin (rank r:
+utterances r, r+N, ...).  Each rank writes ``out.<r>.ark`` (and ``out.<r>.scp``); rank 0 then
+writes the requested scp with every utterance in input order, pointing into the per-rank arks.
 
-Evaluation (``ngsgd-eval``) reports the objective (mean log-probability of
-the correct class per frame), frame accuracy and per-class accuracy.
+Evaluation (``ngsgd-eval``) reports the objective (mean log-probability of the correct class
+per frame), frame accuracy and per-class accuracy (``evaluation.py``).
 """
 
 from __future__ import annotations
@@ -33,54 +31,42 @@ import json
 import os
 import sys
 
-import h5py
 import numpy as np
 
-from . import backend, checkpoint, data
-from .prepare import (AlignmentTable, Checks, KaldiTable, PrepareError, SkipReport, as_feature_matrix,
-                      check_utterance, kaldiio_module, strip_rspecifier)
+from . import backend, data, evaluation
+from .faults import EXIT_OK, InputError, report_bad_input
+from .kaldi.tables import (AlignmentTable, KaldiTable, as_feature_matrix, kaldiio_module, output_files,
+                           parse_wspecifier, rank_path, rank_wspecifier, strip_rspecifier)
+from .model import Model
+from .utterances import Checks, SkipReport, check_utterance
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 OUTPUTS = ("log-posterior", "log-likelihood")
 
 
-class InferenceError(PrepareError):
+class InferenceError(InputError):
     """Bad input to ngsgd-forward / ngsgd-eval."""
 
 
 # --------------------------------------------------------------------------- model and features
 
-def load_model(path: str, context: int | None = None):
-    """(network, class_priors or None, context) of a model file; the context
-    defaults to the model's train_config and must match its input dimension."""
-    network, arrays, attrs = checkpoint.load_network(path)
+def load_model(path: str, context: int | None = None) -> Model:
+    """The model file at ``path``, with ``context`` (if given) replacing its own; it must
+    divide the model's input dimension."""
+    model = Model.load(path)
     if context is None:
-        context = attrs["train_config"].get("context")
-        if context is None:
-            raise InferenceError(f"{path}: train_config has no 'context'; pass --context")
-    context = int(context)
+        return model
     width = 2 * context + 1
-    if context < 0 or network.config.input_dim % width:
-        raise InferenceError(f"{path}: input_dim {network.config.input_dim} is not a multiple of "
+    if context < 0 or model.network_config.input_dim % width:
+        raise InferenceError(f"{path}: input_dim {model.network_config.input_dim} is not a multiple of "
                              f"2 * context + 1 = {width} (context {context})")
-    return network, arrays.get("class_priors"), context
-
-
-def feat_dim_of(network, context: int) -> int:
-    return network.config.input_dim // (2 * context + 1)
+    return model.replace(context=context)
 
 
 def read_utterances(feats: str, rank: int = 0, size: int = 1):
-    """(utt_id, features) of utterances rank, rank + size, ... of a partition
-    file (.h5) or a Kaldi feature table (scp/ark)."""
+    """(utt_id, features) of utterances rank, rank + size, ... of a partition file (.h5) or a
+    Kaldi feature table (scp/ark)."""
     if feats.endswith(".h5"):
-        info = data.open_partition(feats, scan=False)
-        with h5py.File(feats, "r") as f:
-            ids = f["utt_ids"][()]
-            o = info.utt_offsets
-            for u in range(rank, len(o) - 1, size):
-                utt_id = ids[u].decode("utf-8") if isinstance(ids[u], bytes) else str(ids[u])
-                yield utt_id, f["feats"][o[u]:o[u + 1]]
+        yield from data.read_utterances(feats, rank, size)
         return
     table = KaldiTable(feats)
     try:
@@ -101,8 +87,8 @@ def splice_utterance(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def batches(utterances, context: int, batch_frames: int):
-    """Group (utt_id, feats, extra) items into spliced batches of about
-    ``batch_frames`` rows; yields (items, X) with X's rows in item order."""
+    """Group (utt_id, feats, extra) items into spliced batches of about ``batch_frames`` rows;
+    yields (items, X) with X's rows in item order."""
     offsets = data.splice_offsets(context, context)
     pending, frames = [], 0
     for item in utterances:
@@ -138,8 +124,8 @@ def _check_dim(utt_id: str, feats, feat_dim: int, where: str) -> None:
 
 
 def _checked(utterances, feat_dim: int, where: str):
-    """(utt_id, feats, None) items with the model's feature dimension (an
-    empty utterance becomes a (0, feat_dim) matrix and gets a 0-row output)."""
+    """(utt_id, feats, None) items with the model's feature dimension (an empty utterance
+    becomes a (0, feat_dim) matrix and gets a 0-row output)."""
     for utt_id, feats in utterances:
         _check_dim(utt_id, feats, feat_dim, where)
         yield utt_id, (feats if len(feats) else np.zeros((0, feat_dim), np.float32)), None
@@ -147,72 +133,33 @@ def _checked(utterances, feat_dim: int, where: str):
 
 # --------------------------------------------------------------------------- forward
 
-def rank_path(path: str, rank: int) -> str:
-    """out.ark -> out.<rank>.ark"""
-    root, ext = os.path.splitext(path)
-    return f"{root}.{rank}{ext}"
-
-
-def parse_wspecifier(wspecifier: str) -> tuple[list[str], list[str]]:
-    """(types, files) of ``ark[,scp][,t...]:file[,file]``; the files follow
-    the order of 'ark'/'scp' among the types (see :func:`output_files`)."""
-    if ":" not in wspecifier:
-        raise InferenceError(f"--out must be a Kaldi wspecifier like ark,scp:out.ark,out.scp, "
-                             f"got {wspecifier!r}")
-    types_part, files_part = wspecifier.split(":", 1)
-    types = types_part.split(",")
-    num_files = sum(t in ("ark", "scp") for t in types)
-    files = files_part.split(",", num_files - 1) if num_files else []
-    if "ark" not in types or len(files) != num_files or not all(files):
-        raise InferenceError(f"--out must name an ark (and optionally an scp), e.g. "
-                             f"ark,scp:out.ark,out.scp, got {wspecifier!r}")
-    return types, files
-
-
-def output_files(types: list[str], files: list[str]) -> dict[str, str]:
-    """{"ark": path, "scp": path (if requested)} of a parsed wspecifier."""
-    return dict(zip([t for t in types if t in ("ark", "scp")], files))
-
-
-def rank_wspecifier(wspecifier: str, rank: int, size: int) -> tuple[str, list[str]]:
-    """(wspecifier, files) that this rank writes: the requested ones with one
-    rank, ``out.<rank>.ark`` etc. with several."""
-    types, files = parse_wspecifier(wspecifier)
-    if size == 1:
-        return wspecifier, files
-    if any(f.strip() == "-" or "|" in f for f in files):
-        raise InferenceError("with several ranks --out must name files (each rank writes its own)")
-    files = [rank_path(f, rank) for f in files]
-    return ",".join(types) + ":" + ",".join(files), files
-
-
 def forward(model: str, feats: str, wspecifier: str, output: str = "log-posterior",
             prior_floor: float = 1e-8, context: int | None = None, batch_frames: int = 8192,
             rank: int = 0, size: int = 1) -> dict:
-    """Write this rank's share of the per-utterance outputs; returns
-    {"utterances", "frames", "wspecifier"} of what this rank wrote.  With
-    size > 1 the file names get ``.<rank>`` (see the module docstring)."""
+    """Write this rank's share of the per-utterance outputs; returns {"utterances",
+    "frames", "wspecifier"} of what this rank wrote.  With size > 1 the file names get
+    ``.<rank>`` (see the module docstring)."""
     kaldiio = kaldiio_module()
     if output not in OUTPUTS:
         raise InferenceError(f"--output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if batch_frames < 1:
         raise InferenceError(f"--batch-frames must be >= 1, got {batch_frames}")
     wspecifier, files = rank_wspecifier(wspecifier, rank, size)
-    network, priors, context = load_model(model, context)
+    loaded = load_model(model, context)
+    network = loaded.network()
     subtract = None
     if output == "log-likelihood":
-        if priors is None:
+        if loaded.class_priors is None:
             raise InferenceError(f"{model}: no class_priors stored; use --output log-posterior")
-        subtract = log_priors(priors, prior_floor)
-    feat_dim = feat_dim_of(network, context)
-    if not os.path.isfile(strip_rspecifier(feats)[0]):
+        subtract = log_priors(loaded.class_priors, prior_floor)
+    if not feats.endswith(".h5") and not os.path.isfile(strip_rspecifier(feats)[0]):
         raise InferenceError(f"--feats {feats}: file does not exist")
 
     num_utts = num_frames = 0
     try:
         with kaldiio.WriteHelper(wspecifier) as writer:
-            for group, X in batches(_checked(read_utterances(feats, rank, size), feat_dim, feats),
-                                    context, batch_frames):
+            for group, X in batches(_checked(read_utterances(feats, rank, size), loaded.feat_dim, feats),
+                                    loaded.context, batch_frames):
                 out = log_posteriors(network, X, batch_frames)
                 if subtract is not None:
                     out -= subtract
@@ -231,8 +178,8 @@ def forward(model: str, feats: str, wspecifier: str, output: str = "log-posterio
 
 
 def merge_rank_scps(scp: str, size: int) -> None:
-    """Write ``scp`` from out.<r>.scp, r < size, in input order (utterance i
-    is line i // size of rank i % size's file)."""
+    """Write ``scp`` from out.<r>.scp, r < size, in input order (utterance i is line i // size
+    of rank i % size's file)."""
     per_rank = []
     for r in range(size):
         with open(rank_path(scp, r), encoding="utf-8") as f:
@@ -247,51 +194,18 @@ def merge_rank_scps(scp: str, size: int) -> None:
 
 # --------------------------------------------------------------------------- evaluation
 
-class Accumulator:
-    """Sums for the objective, frame accuracy and per-class accuracy."""
-
-    def __init__(self, num_classes: int):
-        self.logprob = 0.0
-        self.frames = 0
-        self.utterances = 0
-        self.class_frames = np.zeros(num_classes, np.int64)
-        self.class_correct = np.zeros(num_classes, np.int64)
-
-    def add(self, log_probs: np.ndarray, labels: np.ndarray) -> None:
-        labels = np.asarray(labels, np.int64)
-        picked = log_probs[np.arange(len(labels)), labels]
-        correct = log_probs.argmax(axis=1) == labels
-        self.logprob += float(picked.sum(dtype=np.float64))
-        self.frames += len(labels)
-        num_classes = len(self.class_frames)
-        self.class_frames += np.bincount(labels, minlength=num_classes)
-        self.class_correct += np.bincount(labels[correct], minlength=num_classes)
-
-    def result(self) -> dict:
-        if self.frames == 0:
-            raise InferenceError("no frames to evaluate")
-        per_class = [{"class": c, "frames": int(n),
-                      "accuracy": float(self.class_correct[c] / n) if n else None}
-                     for c, n in enumerate(self.class_frames)]
-        return {"frames": self.frames, "utterances": self.utterances,
-                "objective": self.logprob / self.frames,
-                "frame_accuracy": float(self.class_correct.sum() / self.frames), "per_class": per_class}
-
-
 def evaluate(model: str, data_path: str, ali: str | None = None, context: int | None = None,
              batch_frames: int = 8192, length_tolerance: int = 2) -> dict:
-    """Objective, frame accuracy and per-class accuracy of ``model`` on a
-    partition file, or on Kaldi features with an alignment (utterances that
-    ngsgd-prepare would skip are skipped and counted the same way)."""
-    network, _, context = load_model(model, context)
-    num_classes, feat_dim = network.config.num_classes, feat_dim_of(network, context)
-    acc = Accumulator(num_classes)
+    """Objective, frame accuracy and per-class accuracy of ``model`` on a partition file, or on
+    Kaldi features with an alignment (utterances that ngsgd-prepare would skip are skipped and
+    counted the same way)."""
+    loaded = load_model(model, context)
+    network = loaded.network()
+    num_classes = loaded.network_config.num_classes
     result = {"model": model, "data": data_path}
     if data_path.endswith(".h5"):
-        info = data.open_partition(data_path, feat_dim=feat_dim, num_classes=num_classes)
-        for X, labels in data.iterate_utterance_blocks(info, context, context, batch_frames):
-            acc.add(log_posteriors(network, X, batch_frames), labels)
-        acc.utterances = len(info.utt_offsets) - 1
+        info = data.open_partition(data_path, feat_dim=loaded.feat_dim, num_classes=num_classes)
+        scores = evaluation.evaluate_partition(network, info, loaded.context, batch_frames)
     else:
         if ali is None:
             raise InferenceError("--ali is needed with Kaldi features (or give a partition .h5)")
@@ -299,15 +213,22 @@ def evaluate(model: str, data_path: str, ali: str | None = None, context: int | 
         checks = Checks(num_classes, length_tolerance, float("inf"))
         alignment = AlignmentTable(ali)
         try:
-            usable = _labelled_utterances(read_utterances(data_path), alignment, checks, report, feat_dim,
-                                          data_path)
-            for group, X in batches(usable, context, batch_frames):
-                acc.add(log_posteriors(network, X, batch_frames), np.concatenate([g[2] for g in group]))
-                acc.utterances += len(group)
+            usable = _labelled_utterances(read_utterances(data_path), alignment, checks, report,
+                                          loaded.feat_dim, data_path)
+            num_utts = 0
+
+            def blocks():
+                nonlocal num_utts
+                for group, X in batches(usable, loaded.context, batch_frames):
+                    num_utts += len(group)
+                    yield X, np.concatenate([labels for _, _, labels in group])
+            scores = evaluation.evaluate(network, blocks())
+            scores.utterances = num_utts
         finally:
             alignment.close()
         result.update(report.to_dict())
-    result.update(acc.result())
+    result.update(frames=scores.frames, utterances=scores.utterances, objective=scores.objective,
+                  frame_accuracy=scores.accuracy, per_class=scores.per_class())
     return result
 
 
@@ -362,20 +283,12 @@ def forward_main(argv=None) -> int:
     with distributed.abort_on_exception(dist):
         backend.use_device(args.device)
         try:
-            summary, error = forward(args.model, args.feats, args.out, args.output, args.prior_floor,
-                                     args.context, args.batch_frames, dist.rank, dist.size), None
-        except (PrepareError, data.DataError, checkpoint.CheckpointError) as exc:
-            summary, error = {"utterances": 0, "frames": 0}, str(exc)
-        errors = dist.comm.allgather(error) if dist.size > 1 else [error]
-        failed = list(dict.fromkeys(e for e in errors if e))
-        if failed:
-            if error is None:     # this rank finished, another failed: drop this rank's part too
-                for path in rank_wspecifier(args.out, dist.rank, dist.size)[1]:
-                    if os.path.isfile(path):
-                        os.remove(path)
-            if dist.rank == 0:
-                sys.stderr.write("".join(f"ngsgd-forward: error: {e}\n" for e in failed))
-            return EXIT_BAD_INPUT
+            summary = dist.agree(lambda: forward(args.model, args.feats, args.out, args.output,
+                                                 args.prior_floor, args.context, args.batch_frames,
+                                                 dist.rank, dist.size))
+        except InputError as exc:
+            _remove_output(args.out, dist)     # another rank may have failed after this one finished
+            return report_bad_input("ngsgd-forward", exc, speak=dist.rank == 0)
         files = output_files(*parse_wspecifier(args.out))
         if dist.rank == 0 and dist.size > 1 and "scp" in files:
             merge_rank_scps(files["scp"], dist.size)
@@ -386,6 +299,16 @@ def forward_main(argv=None) -> int:
             print(f"ngsgd-forward: {int(totals[0]):,} utterances, {int(totals[1]):,} frames, "
                   f"{args.output} -> {args.out}{ranks}")
     return EXIT_OK
+
+
+def _remove_output(wspecifier: str, dist) -> None:
+    try:
+        files = rank_wspecifier(wspecifier, dist.rank, dist.size)[1]
+    except InputError:
+        return                          # a malformed --out: nothing was written
+    for path in files:
+        if os.path.isfile(path):
+            os.remove(path)
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -409,9 +332,8 @@ def eval_main(argv=None) -> int:
     try:
         result = evaluate(args.model, args.data, args.ali, args.context, args.batch_frames,
                           args.length_tolerance)
-    except (PrepareError, data.DataError, checkpoint.CheckpointError) as exc:
-        sys.stderr.write(f"ngsgd-eval: error: {exc}\n")
-        return EXIT_BAD_INPUT
+    except InputError as exc:
+        return report_bad_input("ngsgd-eval", exc)
     print(format_result(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -424,7 +346,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("forward", "eval"):
         sys.stderr.write("usage: python -m ngsgd_mpi.inference {forward,eval} ...\n")
-        return EXIT_BAD_INPUT
+        return 2
     return (forward_main if argv[0] == "forward" else eval_main)(argv[1:])
 
 

@@ -31,55 +31,20 @@ summed frame log-likelihood ``sum_n log p_n(label_n)`` (maximised).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from ngsgd_mpi import backend
 from ngsgd_mpi.layers import Affine, FixedAffine, Normalize, Pnorm, Relu, SoftmaxCrossEntropy
-from ngsgd_mpi.records import record_from_dict
+from ngsgd_mpi.options import DATA_SIZES, in_groups, record_class
 
 HIDDEN_BIAS_STDDEV = 0.5     # Kaldi recipes' bias-stddev for hidden affine layers
 
 
-@dataclass
-class NetworkConfig:
-    input_dim: int                  # dimension of the (already spliced) input frames
-    num_classes: int
-    num_hidden_layers: int = 3
-    nonlinearity: str = "pnorm"     # "pnorm" | "relu"
-    pnorm_input_dim: int = 3000     # affine output size of each p-norm hidden layer
-    pnorm_output_dim: int = 300     # p-norm output size (group size = input / output)
-    pnorm_p: float = 2.0            # 1, 2, inf (any p >= 1 works)
-    relu_dim: int = 1024            # hidden size for nonlinearity "relu"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NetworkConfig":
-        return record_from_dict(cls, d)
-
-    def validate(self) -> None:
-        def need(cond, name, what):
-            if not cond:
-                raise ValueError(f"NetworkConfig.{name}: must be {what}, got {getattr(self, name)!r}")
-
-        for name in ("input_dim", "num_classes", "num_hidden_layers", "pnorm_input_dim",
-                     "pnorm_output_dim", "relu_dim"):
-            need(isinstance(getattr(self, name), (int, np.integer))
-                 and not isinstance(getattr(self, name), bool), name, "an integer")
-        for name in ("input_dim", "num_classes", "pnorm_input_dim", "pnorm_output_dim", "relu_dim"):
-            need(getattr(self, name) >= 1, name, ">= 1")
-        need(self.num_classes >= 2, "num_classes", ">= 2")
-        need(self.num_hidden_layers >= 0, "num_hidden_layers", ">= 0")
-        need(self.nonlinearity in ("pnorm", "relu"), "nonlinearity", "'pnorm' or 'relu'")
-        need(self.pnorm_input_dim % self.pnorm_output_dim == 0, "pnorm_input_dim",
-             f"a multiple of pnorm_output_dim={self.pnorm_output_dim}")
-        need(isinstance(self.pnorm_p, (int, float)) and self.pnorm_p >= 1, "pnorm_p",
-             ">= 1 (1, 2 or inf)")
+class NetworkConfig(record_class("NetworkConfig", in_groups("network"), leading=DATA_SIZES)):
+    """The architecture: ``input_dim`` (spliced input frames), ``num_classes`` and the
+    "network" options of ``options.py`` (hidden layers, p-norm or ReLU sizes)."""
 
     @property
     def hidden_output_dim(self) -> int:

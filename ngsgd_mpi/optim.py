@@ -48,9 +48,7 @@ averaged model; :meth:`Updater.reset` does the same.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,63 +56,23 @@ from ngsgd_mpi import backend
 from ngsgd_mpi.layers import matmul_add
 from ngsgd_mpi.ng_online import OnlineNaturalGradient
 from ngsgd_mpi.ng_simple import precondition_simple
-from ngsgd_mpi.records import record_from_dict
+from ngsgd_mpi.options import in_groups, record_class
 
-OPTIMIZER_NAMES = ("sgd", "ng-online", "ng-simple")
 # ng-online: factor the output side only below this fraction of the materialised
 # form's multiply-adds (its extra D_out x D_in pass; measured: 512 x 3000 layers
 # gain, 128 x (101 -> 1000) at 0.89 loses 2 %).
 FACTORED_MARGIN = 0.85
 
 
-@dataclass
-class OptimizerConfig:
-    name: str = "ng-online"             # "sgd" | "ng-online" | "ng-simple"
-    # online NG (spec §2, §4.1; recipe defaults)
-    rank_in: int = 20                   # rank of the input-side Fisher factor (clamped to dim - 1)
-    rank_out: int = 80                  # rank of the output-side Fisher factor
-    update_period: int = 4              # re-estimate the factors every this many minibatches
-    num_samples_history: float = 2000.0  # forgetting time constant, in samples
-    alpha: float = 4.0                  # smoothing of the factors towards the identity
-    max_change_per_sample: float = 0.075  # change-norm limit per sample; 0 = off
-    schedule: str = "nnet2"             # Fisher-update schedule: "nnet2" (paper) or "nnet3"
-    # simple NG (spec §3, §4.2; train_pnorm.sh defaults)
-    simple_alpha: float = 4.0           # smoothing towards the identity
-    max_change: float = 10.0            # change-norm limit per minibatch; 0 = off
-    # every updater (nnet3's max-param-change): limit on ||change of all parameters|| per minibatch
-    max_param_change: float = 0.0       # 0 = off
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OptimizerConfig":
-        return record_from_dict(cls, d)
-
-    def validate(self) -> None:
-        def need(cond, name, what):
-            if not cond:
-                raise ValueError(f"OptimizerConfig.{name}: must be {what}, "
-                                 f"got {getattr(self, name)!r}")
-
-        need(self.name in OPTIMIZER_NAMES, "name", f"one of {OPTIMIZER_NAMES}")
-        for name in ("rank_in", "rank_out", "update_period"):
-            need(isinstance(getattr(self, name), (int, np.integer)) and getattr(self, name) >= 1,
-                 name, "an integer >= 1")
-        need(0 < self.num_samples_history < 1e6, "num_samples_history", "in (0, 1e6)")
-        for name in ("alpha", "max_change_per_sample", "simple_alpha", "max_change", "max_param_change"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                 name, "a finite number >= 0")
-        need(self.simple_alpha > 0, "simple_alpha", "> 0 (it sets the smoothing lambda)")
-        need(self.schedule in ("nnet2", "nnet3"), "schedule", "'nnet2' or 'nnet3'")
+OptimizerConfig = record_class("OptimizerConfig", in_groups("optimizer"),
+                               doc="The updater: the 'optimizer' options of options.py.")
 
 
 def make_updater(network, config: OptimizerConfig) -> "Updater":
-    """The updater named by ``config.name`` for ``network.affine_layers``."""
+    """The updater named by ``config.optimizer`` for ``network.affine_layers``."""
     config.validate()
     kind = {"sgd": SgdUpdater, "ng-online": OnlineNgUpdater, "ng-simple": SimpleNgUpdater}
-    return kind[config.name](network, config)
+    return kind[config.optimizer](network, config)
 
 
 class Updater(abc.ABC):
@@ -161,15 +119,15 @@ class Updater(abc.ABC):
         """Apply this minibatch's update to one affine layer (its X, G are cached on it)."""
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.config.name}
+        """Nested state: ``{"name": ..., "layers": [per-layer state, ...]}`` (no layers when stateless)."""
+        return {"name": self.config.optimizer, "layers": []}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("optimizer") != self.config.name:
-            raise ValueError(f"optimizer state: written by {state.get('optimizer')!r}, "
-                             f"this updater is {self.config.name!r}")
-        if len(state) != 1:
-            raise ValueError(f"optimizer state: unexpected keys "
-                             f"{sorted(k for k in state if k != 'optimizer')}")
+        if state.get("name") != self.config.optimizer:
+            raise ValueError(f"optimizer state: written by {state.get('name')!r}, "
+                             f"this updater is {self.config.optimizer!r}")
+        if set(state) != {"name", "layers"}:
+            raise ValueError(f"optimizer state: expected the keys name and layers, got {sorted(state)}")
 
     def reset(self) -> None:
         """Forget optimiser state (nothing for the stateless updaters)."""
@@ -251,7 +209,7 @@ class OnlineNgUpdater(Updater):
         def preconditioner(rank):
             return OnlineNaturalGradient(rank, update_period=config.update_period,
                                          num_samples_history=config.num_samples_history,
-                                         alpha=config.alpha, schedule=config.schedule)
+                                         alpha=config.alpha, schedule=config.ng_schedule)
 
         layers = network.affine_layers
         self.input_side = [preconditioner(config.rank_in) for _ in layers]
@@ -316,32 +274,22 @@ class OnlineNgUpdater(Updater):
         return xp.sqrt(products, out=products).sum()
 
     def state_dict(self):
-        state = super().state_dict()
-        for index, (p_in, p_out) in enumerate(zip(self.input_side, self.output_side)):
-            for side, ng in (("in", p_in), ("out", p_out)):
-                for key, value in ng.state_dict().items():
-                    state[f"layer{index}/{side}/{key}"] = value
-        return state
+        return {"name": self.config.optimizer,
+                "layers": [{"input": p_in.state_dict(), "output": p_out.state_dict()}
+                           for p_in, p_out in zip(self.input_side, self.output_side)]}
 
     def load_state_dict(self, state):
-        parts = {(i, side): {} for i in range(len(self.input_side)) for side in ("in", "out")}
-        rest = {}
-        for key, value in state.items():
-            fields = key.split("/", 2)
-            if len(fields) == 3 and fields[0].startswith("layer") and fields[0][5:].isdigit():
-                part = parts.get((int(fields[0][5:]), fields[1]))
-                if part is None:
-                    raise ValueError(f"optimizer state: key {key!r} does not match this network "
-                                     f"({len(self.input_side)} affine layers)")
-                part[fields[2]] = value
-            else:
-                rest[key] = value
-        super().load_state_dict(rest)
-        for (index, side), part in parts.items():
-            if not part:
-                raise ValueError(f"optimizer state: no entries for layer{index}/{side}")
-            sides = self.input_side if side == "in" else self.output_side
-            sides[index].load_state_dict(part)
+        layers = state.get("layers")
+        super().load_state_dict({"name": state.get("name"), "layers": []} if set(state) == {"name", "layers"}
+                                else state)
+        if not isinstance(layers, list) or len(layers) != len(self.input_side):
+            raise ValueError(f"optimizer state: expected {len(self.input_side)} layers (this network's "
+                             f"affine layers), got {len(layers) if isinstance(layers, list) else layers!r}")
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, dict) or set(layer) != {"input", "output"}:
+                raise ValueError(f"optimizer state: layer {index} must hold 'input' and 'output'")
+            self.input_side[index].load_state_dict(layer["input"])
+            self.output_side[index].load_state_dict(layer["output"])
 
     def reset(self):
         for ng in self.input_side + self.output_side:

@@ -18,62 +18,31 @@ when plotting.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 
-REQUIRED_FIELDS = ("period", "samples", "elapsed", "train_obj", "train_acc")
+from .metrics import read_metrics
 
 
 @dataclass
 class Run:
-    """One run's metrics: ``records`` (one per averaging period, in order)
-    and ``events`` (records with an "event" key, each with the samples and
-    elapsed seconds of the last record before it)."""
+    """One run's metrics with its legend label: ``records`` (one per averaging period, in
+    order) and ``events`` (each with the samples and elapsed seconds of the record before it)."""
     label: str
     records: list[dict]
     events: list[dict] = field(default_factory=list)
 
 
-def metrics_path(path: str) -> str:
-    return os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path
-
-
 def load_run(path: str, label: str | None = None) -> Run:
     """Read one metrics.jsonl (or a run directory holding one).  Raises
     ValueError naming the file and line for anything malformed."""
-    file = metrics_path(path)
-    if not os.path.isfile(file):
-        raise ValueError(f"{file}: no such metrics file")
-    records, events = [], []
-    with open(file) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}:{number}: not a JSON record ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{file}:{number}: expected a JSON object, got {type(rec).__name__}")
-            if rec.get("event"):
-                last = records[-1] if records else {"samples": 0, "elapsed": 0.0}
-                events.append({**rec, "samples": last["samples"], "elapsed": last["elapsed"]})
-                continue
-            for name in REQUIRED_FIELDS:
-                if not isinstance(rec.get(name), (int, float)):
-                    raise ValueError(f"{file}:{number}: field {name!r} missing or not a number")
-            if records and rec["period"] <= records[-1]["period"]:
-                records = [r for r in records if r["period"] < rec["period"]]   # a redone period
-            records.append(rec)
-    if not records:
-        raise ValueError(f"{file}: no period records")
+    metrics = read_metrics(path)
     if label is None:
-        parent = os.path.basename(os.path.dirname(os.path.abspath(file)))
-        label = parent or file
-    return Run(label, records, events)
+        parent = os.path.basename(os.path.dirname(os.path.abspath(metrics.path)))
+        label = parent or metrics.path
+    return Run(label, metrics.periods, metrics.events)
 
 
 def _time_axis(runs: list[Run]) -> tuple[float, str]:

@@ -32,134 +32,23 @@ import argparse
 import heapq
 import json
 import os
-import re
 import shutil
 import struct
 import sys
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
 
 from . import data
-
-FLOAT16_MAX = 65504.0
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
-
-REASONS = {
-    "missing_labels": "features but no alignment",
-    "missing_feats": "alignment but no features",
-    "empty": "no frames",
-    "length_mismatch": "feature and label lengths differ by more than --length-tolerance",
-    "label_out_of_range": "labels outside [0, num_classes)",
-    "nonfinite": "NaN/Inf in the features",
-    "overflow": "feature values beyond the stored type (float16: |x| > 65504; use --dtype float32)",
-}
+from .faults import EXIT_OK, InputError, report_bad_input
+from .kaldi.tables import AlignmentTable, KaldiTable, as_feature_matrix
+from .options import Option, add_arguments, convert_given, record_class
+from .utterances import FLOAT16_MAX, Checks, SkipReport, check_utterance
 
 
-class PrepareError(ValueError):
-    """Bad input to ngsgd-prepare (or ngsgd-forward/-eval); the message names file and utterance."""
-
-
-def kaldiio_module():
-    """kaldiio, imported on first use (it is the optional extra ``kaldi``)."""
-    try:
-        import kaldiio  # noqa: PLC0415
-    except ImportError:
-        raise PrepareError("reading Kaldi files needs kaldiio: pip install 'ngsgd_mpi[kaldi]'") from None
-    return kaldiio
-
-
-# --------------------------------------------------------------------------- checks
-
-@dataclass
-class Checks:
-    """What every utterance must satisfy."""
-    num_classes: int | None = None    # None: only negative labels are bad (C inferred later)
-    length_tolerance: int = 2         # |frames - labels| <= this: trim both to the shorter
-    max_abs: float = FLOAT16_MAX      # largest |feature| the stored dtype can hold
-
-
-class SkipReport:
-    """Counts of skipped (and trimmed) utterances by reason, with a few example ids."""
-
-    def __init__(self, strict: bool = False, num_examples: int = 3):
-        self.strict = strict
-        self.num_examples = num_examples
-        self.counts: Counter = Counter()
-        self.examples: dict[str, list[str]] = {}
-        self.trimmed = 0
-        self.trimmed_examples: list[str] = []
-
-    def skip(self, utt_id: str, reason: str, detail: str) -> None:
-        if self.strict:
-            raise PrepareError(f"utterance {utt_id!r}: {detail} (--strict)")
-        self.counts[reason] += 1
-        ids = self.examples.setdefault(reason, [])
-        if len(ids) < self.num_examples:
-            ids.append(utt_id)
-
-    def trim(self, utt_id: str, detail: str) -> None:
-        if self.strict:
-            raise PrepareError(f"utterance {utt_id!r}: {detail} (--strict)")
-        self.trimmed += 1
-        if len(self.trimmed_examples) < self.num_examples:
-            self.trimmed_examples.append(utt_id)
-
-    @property
-    def num_skipped(self) -> int:
-        return sum(self.counts.values())
-
-    def to_dict(self) -> dict:
-        return {"skipped": dict(self.counts), "skipped_examples": self.examples,
-                "trimmed": self.trimmed, "trimmed_examples": self.trimmed_examples}
-
-    def lines(self, length_tolerance: int) -> list[str]:
-        out = []
-        if self.num_skipped:
-            parts = [f"{n:,} {REASONS[r]} (e.g. {', '.join(self.examples[r])})"
-                     for r, n in sorted(self.counts.items())]
-            out.append(f"skipped {self.num_skipped:,} utterance(s): " + "; ".join(parts))
-        if self.trimmed:
-            out.append(f"trimmed {self.trimmed:,} utterance(s) to the shorter of features/labels "
-                       f"(difference <= {length_tolerance} frames; e.g. {', '.join(self.trimmed_examples)})")
-        return out
-
-
-def check_utterance(utt_id: str, feats: np.ndarray, labels: np.ndarray, checks: Checks,
-                    report: SkipReport) -> int | None:
-    """Frames to keep of one utterance (the first n of both), or None when it
-    is skipped (counted in ``report``)."""
-    num_feats, num_labels = len(feats), len(labels)
-    if num_feats == 0 or num_labels == 0:
-        report.skip(utt_id, "empty", f"empty utterance ({num_feats} feature frames, {num_labels} labels)")
-        return None
-    if abs(num_feats - num_labels) > checks.length_tolerance:
-        report.skip(utt_id, "length_mismatch", f"{num_feats} feature frames but {num_labels} labels "
-                    f"(more than --length-tolerance {checks.length_tolerance} apart)")
-        return None
-    n = min(num_feats, num_labels)
-    lab = labels[:n]
-    lo, hi = int(lab.min()), int(lab.max())
-    if lo < 0 or (checks.num_classes is not None and hi >= checks.num_classes):
-        bound = checks.num_classes if checks.num_classes is not None else "num_classes"
-        report.skip(utt_id, "label_out_of_range", f"labels in [{lo}, {hi}] are outside [0, {bound})")
-        return None
-    x = feats[:n]
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        report.skip(utt_id, "nonfinite", f"{int((~finite).sum())} frame(s) with NaN/Inf features "
-                    f"(first: frame {int(np.argmin(finite))})")
-        return None
-    if np.abs(x).max() > checks.max_abs:
-        report.skip(utt_id, "overflow", f"feature values up to {float(np.abs(x).max()):.4g} do not "
-                    f"fit the stored type (|x| <= {checks.max_abs:.6g}; float16: use --dtype float32)")
-        return None
-    if num_feats != num_labels:
-        report.trim(utt_id, f"{num_feats} feature frames but {num_labels} labels: trimmed to {n}")
-    return n
+class PrepareError(InputError):
+    """Bad input to ngsgd-prepare; the message names file and utterance."""
 
 
 @dataclass
@@ -183,158 +72,6 @@ def _feat_dim_of(utt_id: str, feats: np.ndarray, feat_dim: int | None, where: st
         raise PrepareError(f"{where}: utterance {utt_id!r} has {feats.shape[1]}-dim features, "
                            f"earlier utterances {feat_dim}")
     return int(feats.shape[1])
-
-
-# --------------------------------------------------------------------------- Kaldi tables
-
-def strip_rspecifier(spec: str) -> tuple[str, bool]:
-    """(path, is_scp) from ``scp:x``, ``ark:x`` or a bare path (``.scp`` = script file)."""
-    match = re.match(r"^(scp|ark)(,[a-z]+)*:(.*)$", spec)
-    if match:
-        return match.group(3), match.group(1) == "scp"
-    return spec, spec.endswith(".scp")
-
-
-class KaldiTable:
-    """A Kaldi table of matrices or int32 vectors, read with kaldiio: an .scp
-    (random access from the start) or an .ark (read sequentially once by
-    :meth:`items`, which records every entry's offset for random access)."""
-
-    def __init__(self, spec: str):
-        self.kaldiio = kaldiio_module()
-        self.path, self.is_scp = strip_rspecifier(spec)
-        if not os.path.isfile(self.path):
-            raise PrepareError(f"{self.path}: file does not exist")
-        self.locations: dict[str, str] = {}     # key -> "file:offset" (kaldiio.load_mat form)
-        self._fds: dict = {}                     # open ark files, by name
-        if self.is_scp:
-            with open(self.path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    parts = line.split(None, 1)
-                    if len(parts) != 2:
-                        raise PrepareError(f"{self.path}, line {line_no}: expected '<utt-id> <location>'")
-                    self._add(parts[0], parts[1].strip())
-
-    def _add(self, key: str, location: str) -> None:
-        if key in self.locations:
-            raise PrepareError(f"{self.path}: utterance id {key!r} appears twice")
-        self.locations[key] = location
-
-    def items(self, rank: int = 0, size: int = 1):
-        """(key, array) of entries rank, rank + size, ... in table order."""
-        if self.is_scp:
-            for i, key in enumerate(list(self.locations)):
-                if i % size == rank:
-                    yield key, self.read(key)
-            return
-        matio = self.kaldiio.matio
-        with open(self.path, "rb") as fd:
-            i = 0
-            while True:
-                key = matio.read_token(fd)
-                if key is None:
-                    break
-                offset = fd.tell()
-                try:
-                    array = matio.read_kaldi(fd)
-                except Exception as exc:  # noqa: BLE001 - any failure here is a malformed user file
-                    raise PrepareError(f"{self.path}: cannot read entry {key!r} at byte {offset} "
-                                       f"({type(exc).__name__}: {exc})") from None
-                self._add(key, f"{self.path}:{offset}")
-                if i % size == rank:
-                    yield key, array
-                i += 1
-
-    def __contains__(self, key) -> bool:
-        return key in self.locations
-
-    def read(self, key: str) -> np.ndarray:
-        location = self.locations[key]
-        try:
-            return self.kaldiio.load_mat(location, fd_dict=self._fds)
-        except Exception as exc:  # noqa: BLE001 - any failure here is a malformed user file
-            raise PrepareError(f"{self.path}: cannot read {key!r} from {location} "
-                               f"({type(exc).__name__}: {exc})") from None
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            fd.close()
-        self._fds.clear()
-
-
-def _is_binary_ark(path: str) -> bool:
-    """Whether the first entry of ``path`` is Kaldi binary (``key \\0B...``)."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    space = head.find(b" ")
-    return space > 0 and head[space + 1:space + 3] == b"\0B"
-
-
-class AlignmentTable:
-    """Frame labels per utterance, by key: a Kaldi int32-vector table (.scp,
-    or a binary .ark as ``ali-to-pdf`` writes), or a text file of lines
-    ``utt-id label label ...`` (what ``ali-to-pdf ... ark,t:-`` writes)."""
-
-    def __init__(self, spec: str):
-        path, is_scp = strip_rspecifier(spec)
-        if not os.path.isfile(path):
-            raise PrepareError(f"{path}: alignment file does not exist")
-        self.path = path
-        self._table = None
-        self._line_offsets: dict[str, int] = {}
-        if is_scp or _is_binary_ark(path):
-            self._table = KaldiTable(spec)
-            for _ in self._table.items():    # indexes an .ark (an .scp is indexed already)
-                pass
-        else:
-            self._text = open(path, "rb")
-            offset = 0
-            for line in self._text:
-                key = line.split(None, 1)[0].decode("utf-8") if line.strip() else None
-                if key is not None:
-                    if key in self._line_offsets:
-                        raise PrepareError(f"{path}: utterance id {key!r} appears twice")
-                    self._line_offsets[key] = offset
-                offset += len(line)
-
-    def keys(self):
-        return list(self._table.locations) if self._table else list(self._line_offsets)
-
-    def __contains__(self, key) -> bool:
-        return key in (self._table.locations if self._table else self._line_offsets)
-
-    def read(self, key: str) -> np.ndarray:
-        if self._table is not None:
-            labels = self._table.read(key)
-        else:
-            self._text.seek(self._line_offsets[key])
-            tokens = self._text.readline().decode("utf-8").split()[1:]
-            try:
-                labels = np.array([int(t) for t in tokens], dtype=np.int64)
-            except ValueError:
-                raise PrepareError(f"{self.path}: the labels of {key!r} must be integers, "
-                                   f"got {' '.join(tokens[:5])} ...") from None
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise PrepareError(f"{self.path}: the alignment of {key!r} must be an integer vector, "
-                               f"got a {labels.dtype} array of shape {labels.shape}")
-        return labels
-
-    def close(self) -> None:
-        if self._table is not None:
-            self._table.close()
-        else:
-            self._text.close()
-
-
-def as_feature_matrix(utt_id: str, feats, where: str) -> np.ndarray:
-    feats = np.asarray(feats)
-    if feats.ndim != 2 or feats.dtype.kind != "f":
-        raise PrepareError(f"{where}: the features of {utt_id!r} must be a float matrix, "
-                           f"got a {feats.dtype} array of shape {feats.shape}")
-    return feats
 
 
 # --------------------------------------------------------------------------- sources
@@ -508,15 +245,14 @@ class PartitionSource:
                 raise PrepareError(f"{info.path}: feat_dim/num_classes {info.feat_dim}/{info.num_classes} "
                                    f"differ from {first.path} ({first.feat_dim}/{first.num_classes})")
         self.num_classes = first.num_classes
-        self.files = [h5py.File(p, "r") for p in paths]
-        self.dtype = self.files[0]["feats"].dtype
+        self.readers = [data.PartitionReader(info) for info in self.infos]
+        self.dtype = self.readers[0].feats_dtype
 
     def scan(self, checks: Checks, report: SkipReport) -> Scan:
         """Partitions were checked when written and by open_partition: nothing to skip."""
         utts, seen = [], set()
-        for p, (info, f) in enumerate(zip(self.infos, self.files)):
-            for u, raw_id in enumerate(f["utt_ids"][()]):
-                utt_id = raw_id.decode("utf-8") if isinstance(raw_id, bytes) else str(raw_id)
+        for p, (info, reader) in enumerate(zip(self.infos, self.readers)):
+            for u, utt_id in enumerate(reader.utt_ids):
                 if utt_id in seen:
                     raise PrepareError(f"{info.path}: utterance id {utt_id!r} appears in more than one "
                                        f"partition")
@@ -526,12 +262,11 @@ class PartitionSource:
 
     def read(self, utt: Utt):
         p, u = utt.where
-        o, f = self.infos[p].utt_offsets, self.files[p]
-        return f["feats"][o[u]:o[u + 1]], f["labels"][o[u]:o[u + 1]]
+        return self.readers[p].read(u)
 
     def close(self) -> None:
-        for f in self.files:
-            f.close()
+        for reader in self.readers:
+            reader.close()
 
 
 # --------------------------------------------------------------------------- the split
@@ -548,30 +283,35 @@ def balanced_split(lengths, num_parts: int) -> list[list[int]]:
     return parts
 
 
-@dataclass
-class PrepareOptions:
-    num_partitions: int = 1
-    seed: int = 0
-    valid_fraction: float = 0.0       # fraction of the utterances held out as OUT/valid.h5
-    valid_utts: str | None = None     # or: a file listing them (first token of each line)
-    num_classes: int | None = None    # None: the source's, else max label + 1
-    length_tolerance: int = 2
-    strict: bool = False
-    dtype: str | None = "float16"     # stored feature type; None = the source's (repartition)
-    overwrite: bool = False
+PREPARE_OPTIONS = [
+    Option("num_partitions", int, 1, "training partitions (>= number of ranks)", group="output", minimum=1),
+    Option("seed", int, 0, "seed of the utterance shuffle", group="output"),
+    Option("overwrite", bool, False, "replace a non-empty --out", group="output"),
+    Option("dtype", str, "float16", "stored feature type (repartition: default as in the input)",
+           group="storage", choices=("float16", "float32")),
+    Option("strict", bool, False, "any skipped or trimmed utterance is an error (nothing is written)",
+           group="storage"),
+    Option("num_classes", int, None, "number of classes (default: max label + 1)", group="labels", minimum=2),
+    Option("valid_fraction", float, 0.0, "fraction of the utterances held out as valid.h5", group="labels",
+           minimum=0, below=1),
+    Option("valid_utts", str, None, "file listing the held-out utterance ids (first token per line)",
+           group="labels"),
+    Option("length_tolerance", int, 2, "frame-count difference trimmed away (larger: utterance skipped)",
+           group="alignment", minimum=0),
+]
+
+
+class PrepareOptions(record_class("PrepareOptions", PREPARE_OPTIONS)):
+    """How ngsgd-prepare splits and stores (every field validated against PREPARE_OPTIONS)."""
 
     def validate(self) -> None:
-        def need(cond, name, what):
-            if not cond:
-                raise PrepareError(f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}")
-
-        need(self.num_partitions >= 1, "num_partitions", ">= 1")
-        need(0.0 <= self.valid_fraction < 1.0, "valid_fraction", "in [0, 1)")
-        need(self.length_tolerance >= 0, "length_tolerance", ">= 0")
-        need(self.num_classes is None or self.num_classes >= 2, "num_classes", ">= 2")
-        need(self.dtype in (None, "float16", "float32"), "dtype", "float16 or float32")
+        super().validate()
         if self.valid_utts and self.valid_fraction:
             raise PrepareError("give --valid-utts or --valid-fraction, not both")
+
+
+def _options(*groups: str) -> list[Option]:
+    return [o for o in PREPARE_OPTIONS if o.group in groups]
 
 
 def _read_id_list(path: str) -> set[str]:
@@ -635,7 +375,6 @@ def prepare(source, out_dir: str, opts: PrepareOptions, valid_source=None, copy_
     ``valid_source``: write all its usable utterances as valid.h5 (demo);
     ``copy_valid``: copy this file as valid.h5 (repartition).  Returns the
     content of stats.json."""
-    opts.validate()
     out_dir = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp{os.getpid()}")
     try:
@@ -706,8 +445,7 @@ def _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log) ->
 
 def _stats(infos, valid_info, report, source, opts, dtype, inferred) -> dict:
     frames = sum(i.num_frames for i in infos)
-    mean = sum(i.feat_sum for i in infos) / frames
-    var = sum(i.feat_sumsq for i in infos) / frames - mean ** 2
+    mean, std = data.mean_and_std(sum(i.feat_sum for i in infos), sum(i.feat_sumsq for i in infos), frames)
     stats = {
         "format": "ngsgd_mpi.prepare-stats", "source": source.kind, "seed": opts.seed,
         "feat_dim": int(infos[0].feat_dim), "num_classes": int(infos[0].num_classes),
@@ -718,7 +456,7 @@ def _stats(infos, valid_info, report, source, opts, dtype, inferred) -> dict:
                   "partition_utts": [int(len(i.utt_offsets) - 1) for i in infos]},
         "valid": None if valid_info is None else {"frames": int(valid_info.num_frames),
                                                   "utts": int(len(valid_info.utt_offsets) - 1)},
-        "feat_mean": mean.tolist(), "feat_std": np.sqrt(np.maximum(var, 1e-10)).tolist(),
+        "feat_mean": mean.tolist(), "feat_std": std.tolist(),
         "class_counts": [int(c) for c in sum(i.class_counts for i in infos)],
     }
     if source.class_names is not None:
@@ -781,10 +519,7 @@ def repartition(in_dir: str, out_dir: str, opts: PrepareOptions, log=print) -> d
     train_dir = os.path.join(in_dir, "train")
     if not os.path.isdir(train_dir):
         raise PrepareError(f"{in_dir}: expected a prepared directory with train/train.K.h5")
-    paths = sorted((os.path.join(train_dir, n) for n in os.listdir(train_dir) if n.endswith(".h5")),
-                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
-    if not paths:
-        raise PrepareError(f"{train_dir}: no partition files (*.h5)")
+    paths = data.find_partitions(train_dir)
     valid = os.path.join(in_dir, "valid.h5")
     if os.path.exists(valid):
         data.open_partition(valid, scan=False)
@@ -792,53 +527,38 @@ def repartition(in_dir: str, out_dir: str, opts: PrepareOptions, log=print) -> d
                    copy_valid=valid if os.path.exists(valid) else None, log=log)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True,
-                        help="output directory (train/train.K.h5, valid.h5, stats.json)")
-    common.add_argument("--num-partitions", type=int, default=1,
-                        help="training partitions (>= number of ranks)")
-    common.add_argument("--seed", type=int, default=0, help="seed of the utterance shuffle")
-    common.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    new_data = argparse.ArgumentParser(add_help=False)
-    new_data.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                          help="stored feature type")
-    new_data.add_argument("--strict", action="store_true",
-                          help="any skipped or trimmed utterance is an error (nothing is written)")
-    labelled = argparse.ArgumentParser(add_help=False)
-    labelled.add_argument("--num-classes", type=int, help="number of classes (default: max label + 1)")
-    labelled.add_argument("--valid-fraction", type=float, default=0.0,
-                          help="fraction of the utterances held out as valid.h5")
-    labelled.add_argument("--valid-utts",
-                          help="file listing the held-out utterance ids (first token per line)")
+SUBCOMMAND_OPTIONS = {"kaldi": ("output", "storage", "labels", "alignment"),
+                      "numpy": ("output", "storage", "labels"), "demo": ("output", "storage"),
+                      "repartition": ("output", "storage")}
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ngsgd-prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    kaldi = sub.add_parser("kaldi", parents=[common, new_data, labelled],
-                           help="from Kaldi features (scp/ark) and a frame alignment")
-    kaldi.add_argument("--feats", required=True, help="feats.scp or an .ark (kaldiio)")
-    kaldi.add_argument("--ali", required=True,
-                       help="alignment: int32-vector ark/scp (ali-to-pdf output) or text 'utt id id ...'")
-    kaldi.add_argument("--length-tolerance", type=int, default=2,
-                       help="frame-count difference trimmed away (larger: utterance skipped)")
-    numpy_ = sub.add_parser("numpy", parents=[common, new_data, labelled],
-                            help="from .npz files (feats, labels, utt_offsets, optional utt_ids)")
-    numpy_.add_argument("npz", nargs="+", help=".npz files")
-    sub.add_parser("demo", parents=[common, new_data], help="from the embedded demo corpus")
-    repart = sub.add_parser("repartition", parents=[common],
-                            help="re-split prepared partitions for another number of ranks")
-    repart.add_argument("in_dir", help="a directory written by ngsgd-prepare")
-    repart.add_argument("--dtype", choices=("float16", "float32"), default=None,
-                        help="stored feature type (default: as in the input)")
+    helps = {"kaldi": "from Kaldi features (scp/ark) and a frame alignment",
+             "numpy": "from .npz files (feats, labels, utt_offsets, optional utt_ids)",
+             "demo": "from the embedded demo corpus",
+             "repartition": "re-split prepared partitions for another number of ranks"}
+    commands = {}
+    for name, groups in SUBCOMMAND_OPTIONS.items():
+        commands[name] = command = sub.add_parser(name, help=helps[name])
+        command.add_argument("--out", required=True,
+                             help="output directory (train/train.K.h5, valid.h5, stats.json)")
+        add_arguments(command, _options(*groups))
+    commands["kaldi"].add_argument("--feats", required=True, help="feats.scp or an .ark (kaldiio)")
+    commands["kaldi"].add_argument("--ali", required=True, help="alignment: int32-vector ark/scp "
+                                   "(ali-to-pdf output) or text 'utt id id ...'")
+    commands["numpy"].add_argument("npz", nargs="+", help=".npz files")
+    commands["repartition"].add_argument("in_dir", help="a directory written by ngsgd-prepare")
     return parser
 
 
 def options_from_args(args) -> PrepareOptions:
-    return PrepareOptions(
-        num_partitions=args.num_partitions, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
-        strict=getattr(args, "strict", False), num_classes=getattr(args, "num_classes", None),
-        valid_fraction=getattr(args, "valid_fraction", 0.0), valid_utts=getattr(args, "valid_utts", None),
-        length_tolerance=getattr(args, "length_tolerance", 2))
+    given = vars(args)
+    values = convert_given(given, _options(*SUBCOMMAND_OPTIONS[args.command]))
+    if args.command == "repartition":
+        values.setdefault("dtype", None)          # as in the input
+    return PrepareOptions(**values)
 
 
 def main(argv=None) -> int:
@@ -853,9 +573,8 @@ def main(argv=None) -> int:
             prepare_demo(args.out, opts)
         else:
             repartition(args.in_dir, args.out, opts)
-    except (PrepareError, data.DataError) as exc:
-        sys.stderr.write(f"ngsgd-prepare: error: {exc}\n")
-        return EXIT_BAD_INPUT
+    except InputError as exc:
+        return report_bad_input("ngsgd-prepare", exc)
     return EXIT_OK
 
 

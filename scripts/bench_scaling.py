@@ -42,6 +42,8 @@ import time
 import numpy as np
 
 from ngsgd_mpi import data
+from ngsgd_mpi.distributed import mpiexec
+from ngsgd_mpi.metrics import read_metrics
 
 FEAT_DIM = 40
 
@@ -68,18 +70,6 @@ def write_partitions(root: str, num_partitions: int, frames_per_partition: int,
     return train
 
 
-def mpiexec() -> str:
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.path.exists(local):
-        return local
-    from shutil import which  # noqa: PLC0415
-    found = which("mpiexec")
-    if not found:
-        raise SystemExit("bench_scaling: no mpiexec beside this Python or on PATH "
-                         "(pip install 'ngsgd_mpi[mpi]')")
-    return found
-
-
 def run_training(ranks: int, train_dir: str, out_dir: str, args, samples_per_average: int,
                  periods: int) -> tuple[list[dict], float, float]:
     """One ngsgd-train run; returns (metrics records, wall seconds and CPU seconds
@@ -103,9 +93,7 @@ def run_training(ranks: int, train_dir: str, out_dir: str, args, samples_per_ave
     cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
     if res.returncode != 0:
         raise SystemExit(f"bench_scaling: training failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if not r.get("event")], wall, cpu
+    return read_metrics(out_dir).periods, wall, cpu
 
 
 def summarize(records: list[dict]) -> dict:

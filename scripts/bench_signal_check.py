@@ -2,7 +2,7 @@
 
     mpiexec -n 2 python scripts/bench_signal_check.py [--calls 2000]
 
-Prints the median time of ``Dist.max_flag`` and its share of the median minibatch time of
+Prints the median time of ``Dist.any_flags`` and its share of the median minibatch time of
 the paper-size network (360 -> 3 x (3000 p-norm -> 300) -> 2000, minibatch 512, ng-online),
 measured on the same ranks, for checks every 1 and every ``signal_check_every`` minibatches.
 """
@@ -30,7 +30,7 @@ def main():
     for _ in range(args.calls):
         dist.barrier()
         t0 = time.perf_counter()
-        dist.max_flag(0)
+        dist.any_flags(0)
         times.append(time.perf_counter() - t0)
     check = float(np.median(times))
 
@@ -38,7 +38,7 @@ def main():
                          pnorm_output_dim=4) if args.small else
            NetworkConfig(input_dim=360, num_classes=2000, num_hidden_layers=3))
     net = Network(cfg, seed=0)
-    updater = make_updater(net, OptimizerConfig(name="ng-online"))
+    updater = make_updater(net, OptimizerConfig(optimizer="ng-online"))
     rng = np.random.default_rng(dist.rank)
     x = rng.standard_normal((512, cfg.input_dim)).astype(np.float32)
     y = rng.integers(0, cfg.num_classes, 512)
@@ -50,7 +50,7 @@ def main():
         steps.append(time.perf_counter() - t0)
     step = float(np.median(steps))
     if dist.rank == 0:
-        print(f"ranks {dist.size}: max_flag median {check * 1e6:.1f} us; minibatch median {step * 1e3:.1f} ms")
+        print(f"ranks {dist.size}: any_flags median {check * 1e6:.1f} us; minibatch median {step * 1e3:.1f} ms")
         for every in (1, 4):
             print(f"  check every {every} minibatch(es): {100 * check / (every * step):.4f} % of step time")
 

@@ -114,7 +114,7 @@ class NumpyRunner:
 
     def __init__(self, size: Size, optimizer: str, batches):
         self.net = Network(size.net, seed=0)
-        self.updater = make_updater(self.net, OptimizerConfig(name=optimizer))
+        self.updater = make_updater(self.net, OptimizerConfig(optimizer=optimizer))
         self.batches = batches
         self.k = 0
 

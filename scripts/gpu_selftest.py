@@ -121,7 +121,7 @@ def check_network_and_steps(cp, size: str, report: Report) -> None:
     print("3. SGD and NG-online steps, CuPy vs NumPy")
     for name, steps in (("sgd", 1), ("ng-online", 3)):
         host, device, N = paired_networks(cp, size)
-        updaters = [make_updater(net, OptimizerConfig(name=name)) for net in (host, device)]
+        updaters = [make_updater(net, OptimizerConfig(optimizer=name)) for net in (host, device)]
         for k in range(steps):
             X = rng.standard_normal((N, host.config.input_dim)).astype(np.float32)
             labels = rng.integers(0, host.config.num_classes, N)
@@ -140,7 +140,7 @@ def check_syncs(cp, size: str, report: Report) -> None:
         print("  cupyx not available: skipped")
         return
     _, device, N = paired_networks(cp, size)
-    updater = make_updater(device, OptimizerConfig(name="ng-online"))
+    updater = make_updater(device, OptimizerConfig(optimizer="ng-online"))
     rng = np.random.default_rng(2)
     batches = [(cp.asarray(rng.standard_normal((N, device.config.input_dim)).astype(np.float32)),
                 cp.asarray(rng.integers(0, device.config.num_classes, N))) for _ in range(4)]
@@ -181,7 +181,7 @@ def time_steps(cp, size: str, steps: int) -> None:
     times = {}
     for name in ("sgd", "ng-online"):
         _, device, N = paired_networks(cp, size)
-        updater = make_updater(device, OptimizerConfig(name=name))
+        updater = make_updater(device, OptimizerConfig(optimizer=name))
         rng = np.random.default_rng(3)
         batches = [(cp.asarray(rng.standard_normal((N, device.config.input_dim)).astype(np.float32)),
                     cp.asarray(rng.integers(0, device.config.num_classes, N))) for _ in range(4)]

@@ -45,6 +45,9 @@ import time
 
 import yaml
 
+from ngsgd_mpi.distributed import mpiexec
+from ngsgd_mpi.metrics import metrics_path, read_metrics
+
 OPTIMIZERS = ("sgd", "ng-online", "ng-simple")
 
 # The paper's network made smaller so the sweep fits on a 2-core machine: context +-4 of
@@ -191,15 +194,6 @@ def learning_rates(args) -> dict:
     return lrs
 
 
-def mpiexec() -> str:
-    """The mpiexec beside this Python (the venv's PyPI MPICH), else the one on PATH."""
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    found = local if os.path.exists(local) else shutil.which("mpiexec")
-    if not found:
-        raise SystemExit("paper_experiment: no mpiexec beside this Python or on PATH")
-    return found
-
-
 def train(run: dict, config_path: str, train_data: str, valid: str, lrs: dict, out: str) -> None:
     run_dir = os.path.join(out, "runs", run["name"])
     if os.path.exists(os.path.join(run_dir, "final.h5")):
@@ -225,12 +219,9 @@ def train(run: dict, config_path: str, train_data: str, valid: str, lrs: dict, o
 # ----------------------------------------------------------------------------- report
 
 def load_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(metrics_path(run_dir)):
         return []
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return [r for r in recs if not r.get("event")]
+    return read_metrics(run_dir, allow_empty=True).periods
 
 
 def summarise(runs: list[dict], out: str) -> list[dict]:

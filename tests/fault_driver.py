@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from ngsgd_mpi import checkpoint, cli, distributed, trainer
+from ngsgd_mpi import cli, distributed, storage, trainer
 
 
 def main():
@@ -68,15 +68,15 @@ def main():
         trainer.train_step = train_step
     elif kind == "kill_in_write":
         period = int(fault[1])
-        original = checkpoint._write_atomic
+        original = storage.write
 
-        def write(path, fmt, arrays, attrs):
+        def write(path, fmt, record, meta=None):
             if path.endswith("model.h5") and f"ckpt-{period:06d}" in path:
                 with open(f"{path}.tmp{os.getpid()}", "wb") as f:
                     f.write(b"\x89HDF\r\n\x1a\n partial")        # a torn write
                 os.kill(os.getpid(), signal.SIGKILL)
-            original(path, fmt, arrays, attrs)
-        checkpoint._write_atomic = write
+            original(path, fmt, record, meta)
+        storage.write = write
     elif kind == "hang":
         hang_rank, period = int(fault[1]), int(fault[2])
         original = distributed.Dist.checkin

@@ -4,6 +4,7 @@
 import numpy as np
 
 from ngsgd_mpi import data
+from ngsgd_mpi.distributed import mpiexec  # noqa: F401 - the launcher the tests use
 
 
 def utterances(seed, num_utts, feat_dim=8, num_classes=6, noise=1.0, min_len=20, max_len=60):
@@ -33,14 +34,6 @@ def write_dataset(root, num_partitions=2, utts_per_partition=30, valid_utts=20, 
     return str(train), str(valid)
 
 
-def mpiexec():
-    """The mpiexec beside this Python (the PyPI mpich in the venv), else the one on PATH."""
-    import os
-    import shutil
-    import sys
-
-    local = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return local if os.path.exists(local) else shutil.which("mpiexec")
 
 
 def run(cmd, timeout=180, **kwargs):

@@ -70,11 +70,39 @@ def test_shipped_configs_parse():
         assert cfg.optimizer in ("sgd", "ng-online", "ng-simple")
 
 
-def test_train_paths(tmp_path):
-    for i in (0, 1, 2, 10):
-        (tmp_path / f"train.{i}.h5").write_text("")
-    expected = [str(tmp_path / f"train.{i}.h5") for i in (0, 1, 2, 10)]     # natural order
-    assert config.train_paths(str(tmp_path)) == expected
-    assert config.train_paths(str(tmp_path / "train.*.h5")) == expected
-    with pytest.raises(config.ConfigError, match="no partition files match"):
-        config.train_paths(str(tmp_path / "nothing*.h5"))
+def test_duplicate_keys_and_null_values_are_errors(tmp_path):
+    path = write(tmp_path, "train_data: x\nalpha: 2.0\nalpha: 3.0\n")
+    with pytest.raises(config.ConfigError, match=r"c.yaml: key 'alpha' appears twice \(line 3\)"):
+        config.parse(["--config", path])
+    path = write(tmp_path, "train_data: x\nlr_initial: null\n", "n.yaml")
+    with pytest.raises(config.ConfigError, match=r"n.yaml: key 'lr_initial': option lr_initial needs a value"):
+        config.parse(["--config", path])
+    path = write(tmp_path, "train_data: x\nrank_in: 2.5\n", "f.yaml")
+    with pytest.raises(config.ConfigError, match="option rank_in must be an integer"):
+        config.parse(["--config", path])
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    a = write(tmp_path, "train_data: x\nlr_initial: 0.5\nrank_in: 7\n", "a.yaml")
+    b = write(tmp_path, "rank_in: 9\n", "b.yaml")
+    cfg = config.parse(["--config", a, "--config", b])
+    assert (cfg.lr_initial, cfg.rank_in) == (0.5, 9)
+
+
+def test_non_finite_numbers_are_refused():
+    with pytest.raises(config.ConfigError, match="num_epochs: must be a finite number"):
+        config.parse(["--train-data", "x", "--num-epochs", "inf"])
+
+
+def test_environment_values_are_checked(monkeypatch):
+    monkeypatch.setenv("NGSGD_RANK_IN", "many")
+    with pytest.raises(config.ConfigError, match="environment variable NGSGD_RANK_IN"):
+        config.parse(["--train-data", "x"])
+
+
+def test_every_option_has_help_and_the_stored_config_omits_run_flags():
+    from ngsgd_mpi.options import OPTIONS
+    assert all(o.help for o in OPTIONS.values())
+    cfg = config.parse(["--train-data", "x", "--resume"])
+    assert cfg.resume and "resume" not in config.to_dict(cfg)
+    assert "lr_initial" in config.to_dict(cfg)

@@ -188,3 +188,13 @@ def test_iterate_utterance_blocks_in_order(partition):
     info = data.open_partition(path)
     feats = np.concatenate([x for x, _ in data.iterate_utterance_blocks(info, 0, 0, block_frames=37)])
     np.testing.assert_array_equal(feats, np.concatenate([u[1] for u in utts]))
+
+
+def test_find_partitions_natural_order(tmp_path):
+    for i in (0, 1, 2, 10):
+        (tmp_path / f"train.{i}.h5").write_text("")
+    expected = [str(tmp_path / f"train.{i}.h5") for i in (0, 1, 2, 10)]     # natural order
+    assert data.find_partitions(str(tmp_path)) == expected
+    assert data.find_partitions(str(tmp_path / "train.*.h5")) == expected
+    with pytest.raises(data.DataError, match="no partition files match"):
+        data.find_partitions(str(tmp_path / "nothing*.h5"))

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import synthetic
-from ngsgd_mpi import checkpoint, combine, data, trainer
+from ngsgd_mpi import checkpoint, combine, data
+from ngsgd_mpi.faults import EXIT_DIVERGED, EXIT_STOPPED
+from ngsgd_mpi.model import Model
 from test_trainer import args_for, final_params, metrics
 
 DRIVER = [sys.executable, os.path.join(os.path.dirname(__file__), "fault_driver.py")]
@@ -63,7 +65,7 @@ def test_signal_on_one_rank_checkpoints_all_and_resume_is_bit_identical(dataset,
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == trainer.EXIT_STOPPED, stdout + stderr
+    assert proc.returncode == EXIT_STOPPED, stdout + stderr
     assert "stopped on signal in period 3 after minibatch 2" in stdout
     assert not os.path.exists(os.path.join(out, "final.h5"))
     res = ok(mpi(2, "none", argv + ["--resume"]))
@@ -96,7 +98,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(dataset, referen
     assert res.returncode != 0
     done = checkpoint.complete_checkpoints(out)
     assert [c.period for c in done] == [1, 2]                    # the torn one does not count
-    checkpoint.load_model_file(os.path.join(done[-1].path, "model.h5"))
+    Model.load(done[-1].model_path)
     res = ok(mpi(2, "none", argv + ["--resume"]))
     assert "resumed from checkpoint after period 2" in res.stdout
     assert np.array_equal(final_params(out), final_params(reference))
@@ -127,7 +129,7 @@ def test_nan_on_one_rank_rolls_back_and_halves_lr(dataset, tmp_path):
 def test_repeated_divergence_aborts_cleanly(dataset, tmp_path):
     out = str(tmp_path / "run")
     res = mpi(2, "nan:0:2:100", args_for(*dataset, out, num_epochs=3, max_divergence_retries=2))
-    assert res.returncode == trainer.EXIT_DIVERGED, res.stdout + res.stderr
+    assert res.returncode == EXIT_DIVERGED, res.stdout + res.stderr
     assert "diverged 3 times in a row in period 2" in res.stdout
 
 
@@ -168,21 +170,21 @@ def test_combination_picks_best_suffix_average(dataset, reference, tmp_path):
     assert len(lines) == min(20, len(averaged)) and 1 <= n <= len(lines)
     objs = [float(line.split("valid ")[1].split()[0]) for line in lines]
     assert objs[n - 1] == max(objs)
-    expected = np.mean([checkpoint.load_model_file(c.path + "/model.h5")[0]["params"].astype(np.float64)
+    expected = np.mean([Model.load(c.model_path).params.astype(np.float64)
                         for c in averaged[-n:]], axis=0).astype(np.float32)
     np.testing.assert_array_equal(params, expected)
     out = str(tmp_path / "combined.h5")
     res = synthetic.run([sys.executable, "-m", "ngsgd_mpi.combine", "--out-dir", reference,
                          "--valid-data", dataset[1], "--output", out])
     assert res.returncode == 0, res.stderr
-    np.testing.assert_array_equal(checkpoint.load_model_file(out)[0]["params"], params)
+    np.testing.assert_array_equal(Model.load(out).params, params)
 
 
 def test_training_combines_by_default(dataset, tmp_path):
     out = str(tmp_path / "run")
     res = ok(mpi(2, "none", args_for(*dataset, out, combine_last_k=5)))
     assert "combine: average of the last  5" in res.stdout
-    assert checkpoint.load_model_file(out + "/final.h5")[1]["combined_models"] >= 1
+    assert Model.load(out + "/final.h5").info["combined_models"] >= 1
 
 
 def test_restart_on_a_different_number_of_ranks(dataset, reference, tmp_path):
@@ -208,7 +210,7 @@ def test_stop_at_a_period_boundary_between_scheduled_checkpoints(dataset, tmp_pa
     ok(mpi(2, "none", args_for(*dataset, ref, **opts)))
     argv = args_for(*dataset, out, **opts)
     res = mpi(2, "stop_at:0:6:1", argv)          # period 6: not a multiple of checkpoint_every
-    assert res.returncode == trainer.EXIT_STOPPED, res.stdout + res.stderr
+    assert res.returncode == EXIT_STOPPED, res.stdout + res.stderr
     assert "stopped on signal after period 6" in res.stdout
     assert not checkpoint.complete_checkpoints(out)[-1].scheduled
     ok(mpi(2, "none", argv + ["--resume"]))

@@ -9,14 +9,15 @@ import kaldiio
 import numpy as np
 import pytest
 
-from ngsgd_mpi import checkpoint, data, inference
+from ngsgd_mpi import data, inference, storage
+from ngsgd_mpi.model import MODEL_FORMAT, Model
 from ngsgd_mpi.network import Network, NetworkConfig
 
 FEAT_DIM, NUM_CLASSES, CONTEXT = 4, 6, 2
 CLASS_COUNTS = np.array([50, 0, 30, 20, 10, 90])      # class 1 unseen: its prior is floored
 
 
-def make_model(path, class_counts=CLASS_COUNTS, train_config=None):
+def make_model(path, class_counts=CLASS_COUNTS):
     cfg = NetworkConfig(input_dim=FEAT_DIM * (2 * CONTEXT + 1), num_classes=NUM_CLASSES,
                         num_hidden_layers=1, pnorm_input_dim=12, pnorm_output_dim=4)
     network = Network(cfg, seed=0)
@@ -24,10 +25,8 @@ def make_model(path, class_counts=CLASS_COUNTS, train_config=None):
     network.params[...] = (0.4 * rng.standard_normal(network.params.size)).astype(np.float32)
     width = 2 * CONTEXT + 1
     mean, std = rng.standard_normal(FEAT_DIM) * 0.1, 1 + rng.random(FEAT_DIM)
-    checkpoint.save_model(str(path), network.params, cfg.to_dict(),
-                          train_config if train_config is not None else {"context": CONTEXT},
-                          input_mean=np.tile(mean, width), input_std=np.tile(std, width),
-                          class_counts=class_counts)
+    Model(cfg, network.params, CONTEXT, np.tile(mean, width), np.tile(std, width),
+          class_counts).save(str(path))
     return str(path)
 
 
@@ -38,7 +37,7 @@ def spliced(feats, context=CONTEXT):
 
 
 def reference_log_probs(model_path, feats):
-    network, _, _ = checkpoint.load_network(model_path)
+    network = Model.load(model_path).network()
     return np.asarray(network.log_probs(spliced(feats)))
 
 
@@ -138,11 +137,14 @@ def test_bad_utterance_on_one_rank_stops_both_and_leaves_no_output(setup, tmp_pa
 def test_forward_bad_input(setup, tmp_path, capsys):
     root, model, _ = setup
     no_priors = make_model(tmp_path / "np.h5", class_counts=None)
-    no_context = make_model(tmp_path / "nc.h5", train_config={})
+    record, meta = storage.read(make_model(tmp_path / "nc.h5"), MODEL_FORMAT)
+    del meta["context"]
+    storage.write(str(tmp_path / "nc.h5"), MODEL_FORMAT, record, meta)
+    no_context = str(tmp_path / "nc.h5")
     base = ["--feats", str(root / "feats.scp"), "--out", f"ark,scp:{tmp_path}/o.ark,{tmp_path}/o.scp"]
     cases = [
         (["--model", no_priors, "--output", "log-likelihood"] + base, "no class_priors stored"),
-        (["--model", no_context] + base, "train_config has no 'context'; pass --context"),
+        (["--model", no_context] + base, "context None does not divide input_dim 20"),
         (["--model", model, "--context", "1"] + base,
          "input_dim 20 is not a multiple of 2 * context + 1 = 3"),
         (["--model", model, "--feats", str(root / "none.scp"), "--out", f"ark:{tmp_path}/o.ark"],

@@ -185,7 +185,7 @@ def test_rejects_bad_inputs():
     (dict(input_dim=12.5), "input_dim"),
 ])
 def test_config_validation(change, field):
-    with pytest.raises(ValueError, match=f"NetworkConfig.{field}"):
+    with pytest.raises(ValueError, match=f"option {field}: must be"):
         Network(NetworkConfig(**{**SMALL, **change}))
 
 

@@ -298,7 +298,7 @@ def test_bad_inputs_exit_2_with_one_message(kaldi_dir, tmp_path, capsys, monkeyp
           str(tmp_path / "o")], "none.scp: file does not exist"),
         (args + ["--out", str(tmp_path / "o"), "--num-partitions", "41"],
          "40 training utterance(s) for --num-partitions 41"),
-        (args + ["--out", str(tmp_path / "o"), "--valid-fraction", "1.5"], "--valid-fraction must be in"),
+        (args + ["--out", str(tmp_path / "o"), "--valid-fraction", "1.5"], "option valid_fraction: must be in"),
         (args + ["--out", str(root)], "exists and is not empty"),
     ]
     for argv, message in cases:

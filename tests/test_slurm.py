@@ -28,6 +28,7 @@ import pytest
 
 import synthetic
 from ngsgd_mpi import checkpoint, data, inference
+from ngsgd_mpi.model import Model
 from slurm_cluster import SlurmCluster, missing_requirements
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def long_run(dataset, tmp_path_factory):
 
 
 def final_params(out) -> np.ndarray:
-    return checkpoint.load_model_file(os.path.join(out, "final.h5"))[0]["params"]
+    return Model.load(os.path.join(out, "final.h5")).params
 
 
 def job_env(**variables) -> dict:

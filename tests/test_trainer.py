@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import synthetic
-from ngsgd_mpi import checkpoint, config, trainer
+from ngsgd_mpi import checkpoint, config, faults, trainer
+from ngsgd_mpi.model import Model
 
 TRAIN = [sys.executable, "-m", "ngsgd_mpi.cli"]
 HERE = os.path.dirname(__file__)
@@ -31,7 +32,7 @@ def dataset(tmp_path_factory):
 
 
 def final_params(out):
-    return checkpoint.load_model_file(os.path.join(out, "final.h5"))[0]["params"]
+    return Model.load(os.path.join(out, "final.h5")).params
 
 
 def metrics(out):
@@ -98,9 +99,9 @@ def test_progress_lines_and_metrics(dataset, tmp_path):
         assert key in recs[-1]
     assert recs[-1]["valid_acc"] > 1 / 6 + 0.1              # learned something (6 classes)
     assert recs[-1]["valid_obj"] > recs[0]["valid_obj"]
-    with h5py.File(os.path.join(out, "final.h5")) as f:
-        assert json.loads(f.attrs["train_config"])["lr_initial"] == 0.02
-        np.testing.assert_allclose(f["class_priors"][()].sum(), 1.0)
+    final = Model.load(os.path.join(out, "final.h5"))
+    assert final.train_config["lr_initial"] == 0.02
+    np.testing.assert_allclose(final.class_priors.sum(), 1.0)
 
 
 @pytest.mark.parametrize("optimizer", ["ng-online", "ng-simple"])
@@ -130,7 +131,7 @@ def test_resume_without_checkpoint_starts_fresh(dataset, tmp_path):
 
 def bad_run(n, argv, tmp_path):
     res = synthetic.run([synthetic.mpiexec(), "-n", str(n)] + TRAIN + argv, timeout=120)
-    assert res.returncode == trainer.EXIT_BAD_INPUT, res.stdout + res.stderr
+    assert res.returncode == faults.EXIT_BAD_INPUT, res.stdout + res.stderr
     assert res.stderr.count("error:") == 1, res.stderr          # one message, not one per rank
     return res.stderr
 
@@ -215,10 +216,9 @@ def test_crash_on_one_rank_aborts_the_job_promptly(dataset, tmp_path):
     train_dir, valid = dataset
     gone = tmp_path / "valid.h5"
     shutil.copy(valid, gone)
-    script = ("import os, sys; from ngsgd_mpi import cli, trainer\n"
-              "orig = trainer.evaluate_file\n"
+    script = ("import os, sys; from ngsgd_mpi import cli, evaluation\n"
               "def boom(*a, **k):\n    raise RuntimeError('injected failure on rank 0')\n"
-              "trainer.evaluate_file = boom\nsys.exit(cli.train_main(sys.argv[1:]))\n")
+              "evaluation.evaluate_partition = boom\nsys.exit(cli.train_main(sys.argv[1:]))\n")
     res = synthetic.run([synthetic.mpiexec(), "-n", "2", sys.executable, "-c", script]
                         + args_for(train_dir, str(gone), str(tmp_path / "out")), timeout=60)
     assert res.returncode != 0
@@ -229,5 +229,70 @@ def test_config_round_trip_in_checkpoint(dataset, tmp_path):
     out = str(tmp_path / "out")
     res = synthetic.run(TRAIN + args_for(*dataset, out, num_epochs=0.5))
     assert res.returncode == 0, res.stderr
-    _, attrs = checkpoint.load_model_file(checkpoint.complete_checkpoints(out)[-1].path + "/model.h5")
-    assert attrs["train_config"] == config.to_dict(config.parse(args_for(*dataset, out, num_epochs=0.5)))
+    saved = Model.load(checkpoint.complete_checkpoints(out)[-1].model_path)
+    assert saved.train_config == config.to_dict(config.parse(args_for(*dataset, out, num_epochs=0.5)))
+
+
+# ----------------------------------------------------------------------------- in process
+
+class NoStop:
+    requested = False
+
+    def restore(self):
+        pass
+
+
+def test_roll_back_restores_the_period_start_and_halves_the_rate(tmp_path):
+    from ngsgd_mpi.metrics import MetricsLog
+    from ngsgd_mpi.network import Network, NetworkConfig
+    from ngsgd_mpi.optim import OptimizerConfig, make_updater
+
+    net = Network(NetworkConfig(input_dim=6, num_classes=3, num_hidden_layers=1, pnorm_input_dim=8,
+                                pnorm_output_dim=4), seed=0)
+    updater = make_updater(net, OptimizerConfig(rank_in=2, rank_out=2))
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((16, 6)).astype(np.float32), rng.integers(0, 3, 16)
+    net.train_gradients(X, y)
+    updater.step(0.01)
+    snapshot = (net.params.copy(), updater.state_dict())
+    for _ in range(3):
+        net.train_gradients(X, y)
+        updater.step(0.01)
+    cfg = config.parse(["--train-data", "x", "--max-divergence-retries", "1"])
+    prog = trainer.Progress(period=1, batch=3, obj=-5.0, correct=7.0)
+    log = MetricsLog(str(tmp_path), speak=True)
+    trainer.roll_back(cfg, net, updater, snapshot, prog, log)
+    np.testing.assert_array_equal(net.params, snapshot[0])
+    restored = updater.state_dict()["layers"][0]["input"]
+    np.testing.assert_array_equal(restored["W"], snapshot[1]["layers"][0]["input"]["W"])
+    assert (prog.lr_factor, prog.retries, prog.batch, prog.obj, prog.correct) == (0.5, 1, 0, 0.0, 0.0)
+    assert metrics(str(tmp_path))[-1]["event"] == "divergence"
+    with pytest.raises(faults.DivergedError, match="diverged 2 times in a row in period 2"):
+        trainer.roll_back(cfg, net, updater, snapshot, prog, log)
+
+
+def test_divergence_on_one_rank_rolls_back_every_rank(dataset, tmp_path, monkeypatch):
+    """Two ranks in one process (thread_world): rank 1 diverges once in period 2; both redo it."""
+    import threading
+
+    from thread_world import run_ranks
+
+    out = str(tmp_path / "run")
+    cfg = config.parse(args_for(*dataset, out, collective_timeout=0, num_epochs=1))
+    original, injected = trainer.train_step, []
+
+    def train_step(network, updater, batch, lr, prog):
+        flags = original(network, updater, batch, lr, prog)
+        if threading.current_thread().name == "rank1" and prog.period == 1 and not injected:
+            injected.append(prog.batch)
+            return trainer.DIVERGED
+        return flags
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    assert run_ranks(2, lambda dist: trainer.train(cfg, dist, NoStop())) == [0, 0]
+    recs = metrics(out)
+    events = [r for r in recs if r.get("event")]
+    assert [(e["period"], e["lr_factor"]) for e in events] == [(2, 0.5)]
+    periods = [r for r in recs if not r.get("event")]
+    assert [r["period"] for r in periods] == list(range(1, len(periods) + 1))
+    plan_lr = periods[1]["lr"] / 0.5             # the redone period ran at half its rate
+    assert periods[2]["lr"] < plan_lr and os.path.exists(os.path.join(out, "final.h5"))

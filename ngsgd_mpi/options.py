@@ -1,0 +1,339 @@
+"""Every training option, declared once: name, type, default, allowed range, help, Kaldi equivalent.
+
+From :data:`OPTIONS` come the command line and config-file parser (``config.py``),
+the validation of every value, and the records the modules take:
+
+* :class:`TrainConfig`     all options (what ``ngsgd-train`` runs with, stored in checkpoints);
+* ``network.NetworkConfig``   the architecture (``input_dim``, ``num_classes`` + the "network" group);
+* ``optim.OptimizerConfig``   the updater (the "optimizer" group).
+
+Adding an option is one :class:`Option` line in the right group; a module
+reads it from the record it already gets.  This module imports only the
+standard library, so the math modules can use its records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .faults import InputError
+
+
+class ConfigError(InputError):
+    """An invalid option value or config file; the message names the option or file."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    kind: type                     # int, float, bool or str
+    default: object
+    help: str
+    group: str = ""                # set by the table below
+    kaldi: str = ""                # the Kaldi option (or behaviour) this mirrors
+    minimum: float | None = None   # value >= minimum
+    above: float | None = None     # value > above
+    below: float | None = None     # value < below
+    choices: tuple = ()
+    required: bool = False         # must be given (no usable default)
+    finite: bool = True            # floats: inf is not allowed
+    saved: bool = True             # part of the stored train_config (False: how to run, not what)
+
+    def convert(self, value, where: str):
+        """``value`` (from YAML, the environment or the command line) as this option's type."""
+        if value is None:
+            raise ConfigError(f"{where}: option {self.name} needs a value (got null/empty)")
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: option {self.name} must be true or false, got {value!r}")
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise ConfigError(f"{where}: option {self.name} must be a single {self.kind.__name__}, "
+                              f"got {value!r}")
+        try:
+            if self.kind is int and isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return self.kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: option {self.name} must be {_article(self.kind)}, "
+                              f"got {value!r}") from None
+
+    def problem(self, value) -> str | None:
+        """What is wrong with a converted value (None: nothing)."""
+        if self.required and value in (None, ""):
+            return "set"
+        if value is None:
+            return None
+        if self.choices and value not in self.choices:
+            return f"one of {', '.join(self.choices)}"
+        if self.kind is float and self.finite and not math.isfinite(value):
+            return "a finite number"
+        low = None
+        if self.above is not None:
+            low = (value > self.above, f"({self.above:g}", "a positive number" if self.above == 0
+                   else f"> {self.above:g}")
+        elif self.minimum is not None:
+            low = (value >= self.minimum, f"[{self.minimum:g}", f">= {self.minimum:g}")
+        high = (value < self.below, f"{self.below:g})", f"< {self.below:g}") if self.below is not None else None
+        if low and high and not (low[0] and high[0]):
+            return f"in {low[1]}, {high[1]}"
+        for bound in (low, high):
+            if bound and not bound[0]:
+                return bound[2]
+        return None
+
+    def describe(self) -> str:
+        """Help text for ``--help``: the help, the default and the Kaldi equivalent."""
+        parts = ([] if self.default is None else [f"default: {self.default!r}"]) \
+            + ([f"Kaldi: {self.kaldi}"] if self.kaldi else [])
+        return f"{self.help} ({'; '.join(parts)})" if parts else self.help
+
+
+def _article(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+
+
+def _group(name: str, *options: Option) -> list[Option]:
+    return [dataclasses.replace(o, group=name) for o in options]
+
+
+OPTIONS_LIST: list[Option] = [
+    *_group(
+        "data",
+        Option("train_data", str, None, "training partitions: a directory of train.K.h5 or a glob (quote it)",
+               required=True, kaldi="the egs directory"),
+        Option("valid_data", str, None, "validation partition file; empty = no validation",
+               kaldi="valid_diagnostic.egs"),
+        Option("context", int, 4, "frames of context on each side (splicing -c..c)", minimum=0,
+               kaldi="--splice-width"),
+        Option("window_frames", int, 100_000, "frames read and shuffled together (bounds memory per rank)",
+               minimum=1, kaldi="nnet-shuffle-egs --buffer-size"),
+        Option("prefetch_batches", int, 4, "minibatches prepared ahead by the loader thread", minimum=1),
+        Option("input_normalization", bool, True,
+               "fixed input transform to zero mean, unit variance from the data",
+               kaldi="the fixed input transform of get_lda.sh"),
+    ),
+    *_group(
+        "run",
+        Option("out_dir", str, "runs/default", "output directory: checkpoints, metrics.jsonl, final model",
+               kaldi="the exp directory"),
+        Option("device", str, "cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"),
+               kaldi="--use-gpu"),
+        Option("seed", int, 0, "seed for initialisation and shuffling", kaldi="--srand"),
+        Option("threads_per_rank", int, 0, "BLAS threads per rank; 0 = this node's cores / ranks on the node",
+               minimum=0, kaldi="--num-threads"),
+        Option("resume", bool, False, "continue from the newest usable checkpoint in out_dir", saved=False),
+    ),
+    *_group(
+        "network",
+        Option("num_hidden_layers", int, 3, "hidden layers (0: a softmax layer on the input)", minimum=0,
+               kaldi="--num-hidden-layers"),
+        Option("nonlinearity", str, "pnorm", "pnorm or relu", choices=("pnorm", "relu")),
+        Option("pnorm_input_dim", int, 3000, "affine output size of each p-norm layer", minimum=1,
+               kaldi="--pnorm-input-dim"),
+        Option("pnorm_output_dim", int, 300, "p-norm output size (groups of input/output)", minimum=1,
+               kaldi="--pnorm-output-dim"),
+        Option("pnorm_p", float, 2.0, "p of the p-norm (>= 1, or inf)", minimum=1, finite=False, kaldi="--p"),
+        Option("relu_dim", int, 1024, "hidden size for nonlinearity: relu", minimum=1),
+    ),
+    *_group(
+        "optimizer",
+        Option("optimizer", str, "ng-online", "sgd, ng-online or ng-simple",
+               choices=("sgd", "ng-online", "ng-simple"),
+               kaldi="AffineComponent / AffineComponentPreconditionedOnline / AffineComponentPreconditioned"),
+        Option("rank_in", int, 20, "online NG: rank of the input-side Fisher factor", minimum=1,
+               kaldi="--rank-in"),
+        Option("rank_out", int, 80, "online NG: rank of the output-side Fisher factor", minimum=1,
+               kaldi="--rank-out"),
+        Option("update_period", int, 4, "online NG: re-estimate the Fisher factors every this many minibatches",
+               minimum=1, kaldi="--update-period"),
+        Option("num_samples_history", float, 2000.0, "online NG: forgetting time constant in samples",
+               above=0, below=1e6, kaldi="--num-samples-history"),
+        Option("alpha", float, 4.0, "online NG: smoothing towards the identity", minimum=0, kaldi="--alpha"),
+        Option("max_change_per_sample", float, 0.075, "online NG: per-sample max parameter change (0 = off)",
+               minimum=0, kaldi="--max-change-per-sample"),
+        Option("ng_schedule", str, "nnet2", "online NG update schedule: nnet2 (paper) or nnet3",
+               choices=("nnet2", "nnet3"), kaldi="nnet2 OnlinePreconditioner / nnet3 OnlineNaturalGradient"),
+        Option("simple_alpha", float, 4.0, "simple NG: smoothing towards the identity", above=0,
+               kaldi="AffineComponentPreconditioned alpha"),
+        Option("max_change", float, 10.0, "simple NG: per-minibatch max parameter change (0 = off)",
+               minimum=0, kaldi="--max-change"),
+        Option("max_param_change", float, 0.0, "any optimizer: max norm of the change of all parameters "
+               "per minibatch, on top of the per-layer limits (0 = off)", minimum=0,
+               kaldi="nnet3 --max-param-change"),
+    ),
+    *_group(
+        "schedule",
+        Option("minibatch_size", int, 512, "frames per minibatch", minimum=1, kaldi="--minibatch-size"),
+        Option("samples_per_average", int, 400_000, "samples per rank between parameter averages", minimum=1,
+               kaldi="--samples-per-iter"),
+        Option("num_epochs", float, 1.0, "training length in passes over the data (if total_samples is 0)",
+               minimum=0, kaldi="--num-epochs"),
+        Option("total_samples", int, 0, "training length in samples summed over all ranks", minimum=0),
+        Option("lr_initial", float, 0.01, "initial effective learning rate", above=0,
+               kaldi="--initial-effective-lrate"),
+        Option("lr_final", float, 0.001, "final effective learning rate (geometric decay)", above=0,
+               kaldi="--final-effective-lrate"),
+        Option("lr_scale_by_ranks", bool, True, "each rank uses N x the effective rate (the paper's rule)",
+               kaldi="learning rate x num_jobs"),
+        Option("ng_reset_on_average", bool, False, "re-initialise NG state after each average",
+               kaldi="preconditioner state is not saved with the model"),
+        Option("checkpoint_every", int, 1, "write a checkpoint every this many averages", minimum=1),
+        Option("keep_last_k", int, 0, "keep only the newest k checkpoints (0 = keep all)", minimum=0),
+        Option("combine_last_k", int, 20, "final model: best average of up to this many last averaged "
+               "models on the validation set (0/1 = the last model)", minimum=0,
+               kaldi="--num-iters-final (nnet-combine-fast)"),
+    ),
+    *_group(
+        "safeguards",
+        Option("first_period_pick_best", bool, False, "after the first period take the rank with the "
+               "best training objective instead of averaging", kaldi="iteration 0: best job, no average"),
+        Option("outlier_threshold", float, 1.0, "leave out of an average any rank whose training objective "
+               "is this many nats/frame below the best (0 = off)", minimum=0,
+               kaldi="nnet3 get_successful_models difference_threshold"),
+        Option("max_divergence_retries", int, 3, "redo a diverged period at half the lr at most this many "
+               "times in a row, then abort", minimum=0),
+        Option("signal_check_every", int, 4, "minibatches between checks for a stop signal "
+               "(one tiny Allreduce)", minimum=1),
+        Option("collective_timeout", float, 600.0, "seconds to wait for every rank before an average; "
+               "then abort naming the missing ranks (0 = wait forever)", minimum=0),
+    ),
+]
+
+OPTIONS: dict[str, Option] = {o.name: o for o in OPTIONS_LIST}
+
+# Fields of NetworkConfig that come from the data, not from an option.
+DATA_SIZES = [Option("input_dim", int, None, "dimension of the spliced input frames", minimum=1, required=True),
+              Option("num_classes", int, None, "number of output classes (pdfs)", minimum=2, required=True)]
+
+
+def _cross_checks(values: dict) -> list[tuple[str, str]]:
+    """(option, what it must be) for rules that involve several options."""
+    problems = []
+    if "pnorm_input_dim" in values and values["pnorm_input_dim"] % values["pnorm_output_dim"]:
+        problems.append(("pnorm_input_dim", f"a multiple of pnorm_output_dim={values['pnorm_output_dim']}"))
+    if "total_samples" in values and not (values["total_samples"] > 0 or values["num_epochs"] > 0):
+        problems.append(("total_samples", "> 0, or num_epochs > 0 (the training length)"))
+    return problems
+
+
+# ----------------------------------------------------------------------------- records
+
+class _Record:
+    """Methods shared by the records below (frozen dataclasses of option values)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """``cls(**d)``, strictly: unknown or missing keys and bad values are a ConfigError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                raise ConfigError(f"{cls.__name__}: unknown key {key!r} (known: {names})")
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING and f.name not in d:
+                raise ConfigError(f"{cls.__name__}: missing required key {f.name!r}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError naming the first option whose value is out of its declared range."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            option = self.__options__[f.name]
+            if value is not None and not _has_kind(value, option.kind):
+                raise ConfigError(f"option {f.name}: must be {_article(option.kind)}, got {value!r}")
+            what = option.problem(value)
+            if what:
+                raise ConfigError(f"option {f.name}: must be {what}, got {value!r}")
+        for name, what in _cross_checks(self.to_dict()):
+            raise ConfigError(f"option {name}: must be {what}, got {getattr(self, name)!r}")
+
+
+def _has_kind(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def record_class(name: str, options: list[Option], leading: list[Option] = (), doc: str = ""):
+    """A frozen dataclass with one field per option (the ``leading`` ones first, without
+    defaults), validated on creation; a module may subclass it to add methods."""
+    fields = [(o.name, o.kind) for o in leading]
+    fields += [(o.name, o.kind, dataclasses.field(default=o.default)) for o in options]
+    return dataclasses.make_dataclass(
+        name, fields, bases=(_Record,), frozen=True,
+        namespace={"__doc__": doc, "__module__": __name__,
+                   "__options__": {o.name: o for o in [*leading, *options]}})
+
+
+def in_groups(*groups: str) -> list[Option]:
+    return [o for o in OPTIONS_LIST if o.group in groups]
+
+
+TrainConfig = record_class("TrainConfig", OPTIONS_LIST, doc="Every option of ngsgd-train (see OPTIONS).")
+
+
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def add_arguments(parser, options: list[Option]) -> None:
+    """One flag per option (``--lr-initial`` and ``--lr_initial``), in argument groups named
+    after the options' groups; values stay strings (see :func:`convert_given`) and an option
+    not given is absent from the namespace.  A boolean flag alone means true."""
+    groups = {}
+    for option in options:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group or None)
+        flags = [flag(option.name)] + ([f"--{option.name}"] if "_" in option.name else [])
+        extra = dict(nargs="?", const="true", metavar="BOOL") if option.kind is bool else {}
+        groups[option.group].add_argument(*flags, dest=option.name, default=argparse.SUPPRESS,
+                                          choices=option.choices or None, help=option.describe(),
+                                          **extra)
+
+
+def convert_given(given: dict, options: list[Option], where: str = "flag {flag}") -> dict:
+    """The options present in ``given`` (an argparse namespace's dict, or other strings),
+    converted to their types; ``where`` names the source in errors."""
+    by_name = {o.name: o for o in options}
+    values = {}
+    for name, text in given.items():
+        option = by_name.get(name)
+        if option is None:
+            continue
+        if text == "" and option.kind is str and not option.required:
+            values[name] = None                  # an empty string clears an optional path
+        else:
+            values[name] = option.convert(text, where.format(flag=flag(name), name=name))
+    return values
+
+
+def subset(cfg, record_cls, **leading):
+    """The ``record_cls`` (e.g. OptimizerConfig) holding ``cfg``'s values of its fields."""
+    names = [f.name for f in dataclasses.fields(record_cls)]
+    return record_cls(**leading, **{n: getattr(cfg, n) for n in names if n not in leading})
+
+
+def saved_dict(cfg) -> dict:
+    """The options stored with a model (train_config): every ``saved`` option."""
+    return {o.name: getattr(cfg, o.name) for o in OPTIONS_LIST if o.saved}
