@@ -189,7 +189,7 @@ def test_a_rank_missing_at_the_average_is_aborted_on_every_host(cluster, dataset
 
 @pytest.mark.xfail(strict=True, reason=(
     "the watchdog guards only the check-in before an average (Dist.checkin); the ranks on node1 "
-    "block in the stop-check Allreduce (Dist.max_flag, every signal_check_every minibatches and "
+    "block in the stop-check Allreduce (Dist.any_flags, every signal_check_every minibatches and "
     "at every period end, always before the check-in) and wait for the frozen host forever"))
 def test_a_host_that_freezes_mid_period_ends_the_job_within_collective_timeout(cluster, dataset, tmp_path):
     """A host that stops answering without closing its sockets (hung kernel, NFS stall, network
