@@ -189,6 +189,9 @@ def test_text_formats(tmp_path):
     (tmp_path / "a.txt").write_text("u1 3 4 5 \nu2\nu3 1\n")
     assert {k: v.tolist() for k, v in entries(str(tmp_path / "a.txt"), INT_VECTOR)} == \
         {"u1": [3, 4, 5], "u2": [], "u3": [1]}
+    (tmp_path / "cut.txt").write_text("u1 3 4 5 \nu2 7 8")           # Kaldi ends each line with \n
+    with pytest.raises(TableError, match=r"truncated: entry 'u2' at byte 13: the input ends inside its line"):
+        entries(str(tmp_path / "cut.txt"), INT_VECTOR)
 
 
 def test_permissive_option(arks):

@@ -36,7 +36,7 @@ byte 4 and 4 little-endian bytes:
 * int32 vectors (alignments, ``BasicVectorHolder``): the count, then count int32s.
 
 A text object is ``[ rows on lines ]`` (a matrix) or ``1 2 3`` up to the end of the line (an int32
-vector).  Every size is checked against what follows: a truncated archive or a corrupt entry is a
+vector); Kaldi ends both with a newline, so a line that the end of the input cuts off is truncated.  Every size is checked against what follows: a truncated archive or a corrupt entry is a
 :class:`TableError` naming the source, the entry and the byte.
 
 Random access (:class:`IndexedTable`): script files are random access already; plain archive
@@ -426,9 +426,14 @@ def _read_binary(inp: Input, kind: str, where: str) -> np.ndarray:
 
 
 def _read_text(inp: Input, kind: str, where: str) -> np.ndarray:
+    start = inp.pos
     line = inp.readline()
     text = line.decode("utf-8", "replace")
     if kind == INT_VECTOR:
+        if not line.endswith(b"\n"):            # Kaldi ends the line with one; "]" ends a matrix
+            inp._fail_if_pipe_failed()
+            raise TableError(f"{inp.name}: truncated: {where}: the input ends inside its line "
+                             f"(byte {start}), without the newline Kaldi writes")
         try:
             return np.array([int(t) for t in text.split()], dtype=np.int64).astype(np.int32)
         except (ValueError, OverflowError):
