@@ -359,3 +359,19 @@ def test_eval_rejects_mismatched_data(setup, tmp_path, capsys):
                          FEAT_DIM + 1, NUM_CLASSES)
     assert inference.eval_main(["--model", model, "--data", str(tmp_path / "other.h5")]) == 2
     assert "feat_dim is 5, expected 4" in capsys.readouterr().err
+
+
+def test_eval_on_a_data_dir_uses_the_models_cmvn(setup, tmp_path):
+    root, _, utts = setup
+    d, spk, stats = data_dir(tmp_path, utts)
+    model = make_model(tmp_path / "m.h5", pipeline=InputPipeline(Cmvn(True, False), "pdf"))
+    normalised = {}
+    for key, (feats, _) in utts.items():
+        s = stats[spk[key]]
+        normalised[key] = (feats.astype(np.float64) - s[0, :-1] / s[0, -1]).astype(np.float32)
+    kaldiio.save_ark(str(tmp_path / "cmvn_feats.ark"), normalised)
+    via_dir = inference.evaluate(model, str(d), f"ark:{root}/ali.ark")
+    via_feats = inference.evaluate(model, str(tmp_path / "cmvn_feats.ark"), f"ark:{root}/ali.ark")
+    assert via_dir["frames"] == via_feats["frames"] == sum(len(v[1]) for v in utts.values())
+    assert via_dir["objective"] == pytest.approx(via_feats["objective"], abs=1e-5)
+    assert via_dir["frame_accuracy"] == pytest.approx(via_feats["frame_accuracy"], abs=2e-3)

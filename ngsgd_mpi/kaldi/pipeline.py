@@ -178,7 +178,7 @@ class Features:
         if isinstance(self.table, IndexedTable):
             entries = self.table.items(rank, size)
         else:
-            entries = ((key, value) for i, (key, value, _) in enumerate(self.table) if i % size == rank)
+            entries = ((key, value) for key, value, _ in self.table.entries(rank, size))
         for key, matrix in entries:
             yield key, self._prepared(key, matrix)
 

@@ -527,11 +527,7 @@ class LocationReader:
         rx, offset, ranges = match.group("rx"), match.group("offset"), match.group("range")
         if offset is None and ranges is None and os.path.isfile(location):
             rx = location                                  # a file name that merely ends in digits
-        inp = self._input(rx, where)
-        inp.raw.seek(int(offset or 0))
-        inp.pos = int(offset or 0)
-        inp._pushed = b""
-        value = read_object(inp, self.kind, f"entry {key!r} at byte {inp.pos}")
+        value = self.read_at(key, rx, int(offset or 0), where)
         if ranges is not None:
             if value.ndim != 2:
                 raise TableError(f"{where}: a range needs a matrix")
@@ -542,6 +538,13 @@ class LocationReader:
                                  f"the matrix has {len(value)}")
             value = np.ascontiguousarray(value[sl])
         return value
+
+    def read_at(self, key: str, path: str, offset: int, where: str | None = None) -> np.ndarray:
+        """The object at byte ``offset`` of the plain file ``path``."""
+        inp = self._input(path, where or f"{self.what}: {key!r} at {path}:{offset}")
+        inp.raw.seek(offset)
+        inp.pos, inp._pushed = offset, b""
+        return read_object(inp, self.kind, f"entry {key!r} at byte {offset}")
 
     def _input(self, rx: str, where: str) -> Input:
         inp = self._open.pop(rx, None)
@@ -602,12 +605,21 @@ class SequentialTable:
             raise TableError(f"{self.name}: {self.spec.target}: file does not exist")
 
     def __iter__(self):
+        return self.entries()
+
+    def entries(self, rank: int = 0, size: int = 1):
+        """(key, value, location) of entries rank, rank + size, ... (script files read only
+        those; archives must be read through)."""
         try:
             if self.spec.kind == "scp":
-                yield from self._script_entries()
+                yield from self._script_entries(rank, size)
             else:
+                i = 0
                 for rx in self.paths or [self.spec.target]:
-                    yield from self._archive_entries(rx)
+                    for entry in self._archive_entries(rx):
+                        if i % size == rank:
+                            yield entry
+                        i += 1
         finally:
             self.close_inputs()
 
@@ -629,10 +641,12 @@ class SequentialTable:
         inp.close()
         self._inputs.remove(inp)
 
-    def _script_entries(self):
+    def _script_entries(self, rank: int = 0, size: int = 1):
         inp = open_input(self.spec.target, self.name)
         self._inputs.append(inp)
-        for key, location in read_script(inp):
+        for i, (key, location) in enumerate(read_script(inp)):
+            if i % size != rank:
+                continue
             try:
                 value = self.locations.read(key, location)
             except TableError:
@@ -746,7 +760,7 @@ class IndexedTable:
         if location[0] == "spool":
             return self._spool.read(location[1])
         if location[0] == "file":
-            value = self._files.read(key, f"{location[1]}:{location[2]}")
+            value = self._files.read_at(key, location[1], location[2])
         else:
             value = self.table.locations.read(key, location[1])
         return value if self.convert is None else self.convert(key, value)
