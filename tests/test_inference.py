@@ -139,6 +139,7 @@ def test_out_ark_stdout_carries_only_the_archive(setup):
                           capture_output=True, timeout=120)
     fwd.stdout.close()
     err = fwd.stderr.read().decode()
+    fwd.stderr.close()
     assert fwd.wait(timeout=120) == 0 and read.returncode == 0, err + read.stderr.decode()
     assert "ngsgd-forward: 9 utterances" in err                     # messages on stderr
     inference.forward(model, str(root / "feats.scp"), f"ark:{root}/direct.ark", output="log-likelihood")
@@ -249,7 +250,7 @@ def test_forward_with_two_ranks_equals_one_rank(setup):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6)
     rank_keys = [list(kaldiio.load_scp(str(root / f"two.{r}.scp"))) for r in range(2)]
     assert rank_keys == [list(utts)[0::2], list(utts)[1::2]]
-    assert {line.split()[1].rsplit(":", 1)[0] for line in open(root / "two.scp")} == \
+    assert {line.split()[1].rsplit(":", 1)[0] for line in (root / "two.scp").read_text().splitlines()} == \
         {f"{root}/two.0.ark", f"{root}/two.1.ark"}
 
 

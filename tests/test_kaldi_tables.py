@@ -34,7 +34,11 @@ KALDI_READS = {
 
 
 def entries(spec, kind=MATRIX):
-    return [(key, value) for key, value, _ in SequentialTable(spec, kind)]
+    table = SequentialTable(spec, kind)
+    try:
+        return [(key, value) for key, value, _ in table]
+    finally:
+        table.close()
 
 
 def digest(items):
@@ -173,6 +177,7 @@ def test_indexed_table_spools_streams_for_random_access(arks, tmp_path):
     plain = IndexedTable(f"ark:{d}/f.*.ark").index()            # plain files: byte offsets, no spool
     assert plain._spool is None
     np.testing.assert_array_equal(plain.read("utt21"), ref["utt21"])
+    plain.close()
 
 
 def test_duplicate_keys_are_an_error(arks):

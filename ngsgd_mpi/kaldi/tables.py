@@ -56,6 +56,7 @@ import glob
 import gzip
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -164,9 +165,10 @@ class _Pipe:
     def __init__(self, command: str, what: str):
         self.command = command.rstrip()[:-1].strip()
         self.what = what
-        try:
+        try:       # its own process group, so that stopping early ends every part of a pipeline
             self.proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         start_new_session=True)
         except OSError as exc:
             raise TableError(f"{what}: cannot run command '{self.command}' ({exc})") from None
         self.tail: collections.deque = collections.deque(maxlen=4)
@@ -182,17 +184,26 @@ class _Pipe:
     def check(self) -> None:
         """Wait for the command; TableError if it failed."""
         code = self.proc.wait()
-        self._drain.join(timeout=5)
+        self._close_pipes()
         if code != 0:
             how = f"exit status {code}" if code > 0 else f"killed by signal {-code}"
             last = f": {self.tail[-1][:300]}" if self.tail else ""
             raise TableError(f"{self.what}: command '{self.command}' failed ({how}){last}")
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Stop reading early: end the command and everything it started."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        self.proc.stdout.close()
         self._drain.join(timeout=5)
+        if not self._drain.is_alive():        # else a straggler still holds stderr: leave it
+            self.proc.stderr.close()
 
 
 class Input:
@@ -216,9 +227,8 @@ class Input:
         while len(out) < n:
             try:
                 chunk = self.raw.read(n - len(out))
-            except (EOFError, OSError, zlib.error) as exc:     # gzip: truncated or corrupt
-                raise TableError(f"{self.name}: truncated or corrupt compressed data "
-                                 f"({type(exc).__name__}: {exc})") from None
+            except (EOFError, OSError, zlib.error) as exc:
+                raise self._read_error(exc) from None
             if not chunk:
                 break
             out += chunk
@@ -231,7 +241,7 @@ class Input:
         if len(data) != n:
             self._fail_if_pipe_failed()
             raise TableError(f"{self.name}: truncated: {what} needs {n} bytes at byte {start}, "
-                             f"the input ends after {len(data)}")
+                             f"only {len(data)} are left")
         return data
 
     def unread(self, data: bytes) -> None:
@@ -248,9 +258,14 @@ class Input:
         try:
             rest = self.raw.readline()
         except (EOFError, OSError, zlib.error) as exc:
-            raise TableError(f"{self.name}: truncated or corrupt compressed data ({exc})") from None
+            raise self._read_error(exc) from None
         self.pos += len(head) + len(rest)
         return head + rest
+
+    def _read_error(self, exc: Exception) -> TableError:
+        if isinstance(self.raw, gzip.GzipFile):      # EOFError, BadGzipFile, zlib.error
+            return TableError(f"{self.name}: truncated or corrupt compressed data ({exc})")
+        return TableError(f"{self.name}: read error ({exc})")
 
     def _fail_if_pipe_failed(self) -> None:
         if self.pipe is not None:
@@ -292,10 +307,10 @@ def open_input(rx: str, what: str, offset: int | None = None) -> Input:
     magic = raw.read(2)
     raw.seek(0)
     if magic == GZIP_MAGIC:
+        raw.close()
         if offset is not None:
-            raw.close()
             raise TableError(f"{what}: {rx} is gzipped: byte offsets into it are not supported")
-        return Input(gzip.GzipFile(fileobj=raw, mode="rb"), rx)
+        return Input(gzip.open(rx, "rb"), rx)
     if rx.endswith(".gz"):
         raw.close()
         raise TableError(f"{what}: {rx}: not a gzip file (it does not start with 1f 8b)")
@@ -621,7 +636,7 @@ class SequentialTable:
                             yield entry
                         i += 1
         finally:
-            self.close_inputs()
+            self.close()
 
     def _archive_entries(self, rx: str):
         inp = open_input(rx, self.what)
@@ -742,8 +757,13 @@ class IndexedTable:
         self.indexed = True
 
     def index(self) -> "IndexedTable":
-        for _ in self.items():
-            pass
+        """Stream the whole table once (a table that fails to read is closed)."""
+        try:
+            for _ in self.items():
+                pass
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def keys(self) -> list[str]:
