@@ -143,10 +143,8 @@ class KaldiSource:
 
     def scan(self, checks: Checks, report: SkipReport, workdir: str | None = None) -> Scan:
         self.feats = self._features(workdir)
-        convert = None
-        if self.targets is not None:
-            convert = lambda key, tids: self.targets(key, tids, self.ali.name)  # noqa: E731
-        self.ali = IndexedTable(self.ali_spec, INT_VECTOR, "--ali", workdir, convert)
+        self.ali = IndexedTable(self.ali_spec, INT_VECTOR, "--ali", workdir,
+                                self._to_classes if self.targets is not None else None)
         if self.feats.spec.is_stdin and self.ali.spec.is_stdin:
             raise PrepareError("--feats and --ali cannot both be standard input")
         self.ali.index()
@@ -168,6 +166,9 @@ class KaldiSource:
             if key not in seen:
                 report.skip(key, "missing_feats", f"has an alignment but no features in {self.feats.name}")
         return Scan(utts, feat_dim, max_label)
+
+    def _to_classes(self, key: str, tids: np.ndarray) -> np.ndarray:
+        return self.targets(key, tids, self.ali.table.current)
 
     def _check_not_transition_ids(self, key: str, labels: np.ndarray) -> None:
         """Without a model, a label beyond --num-classes is not mess but a wrong class count or
@@ -364,7 +365,8 @@ PREPARE_OPTIONS = [
            group="storage", choices=("float16", "float32")),
     Option("strict", bool, False, "any skipped or trimmed utterance is an error (nothing is written)",
            group="storage"),
-    Option("num_classes", int, None, "number of classes (default: max label + 1)", group="labels", minimum=2),
+    Option("num_classes", int, None, "number of classes (default: the model's; without one, max label + 1)",
+           group="labels", minimum=2),
     Option("valid_fraction", float, 0.0, "fraction of the utterances held out as valid.h5", group="labels",
            minimum=0, below=1),
     Option("valid_utts", str, None, "file listing the held-out utterance ids (first token per line)",

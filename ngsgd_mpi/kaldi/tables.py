@@ -610,6 +610,7 @@ class SequentialTable:
         self.kind, self.what = kind, what
         self.name = f"{what} {spec}"
         self.damaged = 0                      # entries given up on under option p
+        self.current = self.name              # the file or command being read (for messages)
         self._inputs: list[Input] = []
         self.locations = LocationReader(kind, self.name)
         self.paths = None                     # the files of a file (or glob) archive
@@ -641,6 +642,7 @@ class SequentialTable:
     def _archive_entries(self, rx: str):
         inp = open_input(rx, self.what)
         self._inputs.append(inp)
+        self.current = inp.name
         entries = read_archive(inp, self.kind)
         while True:
             try:
