@@ -611,6 +611,8 @@ def kaldi_source(inputs: KaldiInputs, num_classes: int | None = None) -> KaldiSo
                 raise PrepareError(str(exc)) from None
         else:
             cmvn = read_cmvn_opts(os.path.join(i.ali_dir, "cmvn_opts")) if i.ali_dir else Cmvn()
+        if not cmvn.norm_means:
+            cmvn = None                   # apply-cmvn --norm-means=false copies its input
     if i.data_dir is not None:
         def features(workdir):
             return data_dir_features(i.data_dir, cmvn, workdir)

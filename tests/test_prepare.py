@@ -583,6 +583,12 @@ def test_recipe_rspecifier_forms_and_no_cmvn_give_the_same_partitions(tmp_path, 
         np.testing.assert_array_equal(found_a[utt][1], found_b[utt][1])
     assert read_pipeline(str(a / "train")).cmvn is None
     assert sorted(os.listdir(b)) == ["stats.json", "train"]                    # the spool is gone
+    c = tmp_path / "c"                              # --norm-means=false: apply-cmvn copies its input
+    prepare.prepare_kaldi(None, None, str(c), opts(), log=lambda s: None, data_dir="data/train",
+                          ali_dir="exp/tri1", cmvn_opts="--norm-means=false")
+    assert read_pipeline(str(c / "train")).cmvn is None
+    for utt, (feats, _, _) in read_back(c).items():
+        np.testing.assert_array_equal(feats, raw[utt])
 
 
 def test_recipe_phone_targets(tmp_path):
