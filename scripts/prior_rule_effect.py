@@ -92,7 +92,8 @@ def rules(model: Model) -> dict:
         "label frequencies floored at 1e-8 (the old rule)": np.log(np.maximum(freq, 1e-8)),
         "label frequencies + disable unseen (P2-P3, models without P1)":
             priors.log_prior_offsets(freq, model.class_counts),
-        "averaged posteriors (nnet2, P1), nothing disabled": priors.log_prior_offsets(model.posterior_priors, None),
+        "averaged posteriors (nnet2, P1), nothing disabled":
+            priors.log_prior_offsets(model.posterior_priors, None),
         "averaged posteriors + disable unseen (P1-P3, the rule now)":
             priors.log_prior_offsets(model.posterior_priors, model.class_counts),
     }

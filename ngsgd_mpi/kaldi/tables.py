@@ -36,8 +36,9 @@ byte 4 and 4 little-endian bytes:
 * int32 vectors (alignments, ``BasicVectorHolder``): the count, then count int32s.
 
 A text object is ``[ rows on lines ]`` (a matrix) or ``1 2 3`` up to the end of the line (an int32
-vector); Kaldi ends both with a newline, so a line that the end of the input cuts off is truncated.  Every size is checked against what follows: a truncated archive or a corrupt entry is a
-:class:`TableError` naming the source, the entry and the byte.
+vector); Kaldi ends the line with a newline, so one that the end of the input cuts off is
+truncated.  Every size is checked against what follows: a truncated archive or a corrupt entry
+is a :class:`TableError` naming the source, the entry and the byte.
 
 Random access (:class:`IndexedTable`): script files are random access already; plain archive
 files by the byte offsets recorded while streaming them once; anything else (pipes, stdin,
