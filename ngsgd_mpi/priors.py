@@ -34,12 +34,10 @@ A model file without (P1) priors (checkpoints, older models) falls back to label
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from . import backend, data
-from .kaldi.pipeline import read_pipeline
 
 PRIOR_SUBSET_FRAMES = 100_000     # nnet2's train_pnorm_fast.sh: 10 jobs x prior_subset_size 10k
 DISABLED_LOG_PRIOR = math.sqrt(np.finfo(np.float32).max)   # nnet1: sqrt(FLT_MAX)
@@ -98,13 +96,10 @@ def training_subset(train_data: str, context: int, max_frames: int = PRIOR_SUBSE
 
 
 def finalize(model, train_data: str, log=print):
-    """The final model with (P1) priors and the input pipeline of its training data (the
-    pipeline.json that ngsgd-prepare wrote beside the partitions)."""
+    """The final model with (P1) priors from the first training frames."""
     priors, frames = average_posteriors(model.network(), training_subset(train_data, model.context))
-    pipeline = read_pipeline(os.path.dirname(data.find_partitions(train_data)[0]))
     off = 0 if model.class_counts is None else int((np.asarray(model.class_counts) == 0).sum())
     log(f"priors: average posterior of the final model over {frames:,} training frames (nnet2); "
         f"{off} of {len(priors)} classes have no training frames and are disabled in "
-        f"log-likelihood output" + (f"; input pipeline: {pipeline.describe()}" if pipeline else ""))
-    return model.replace(posterior_priors=priors, input_pipeline=pipeline)
-
+        f"log-likelihood output")
+    return model.replace(posterior_priors=priors)

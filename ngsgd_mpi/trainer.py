@@ -28,6 +28,7 @@ import numpy as np
 from . import averaging, backend, checkpoint, combine, config, data, evaluation, priors
 from .faults import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, DivergedError, InputError, \
     StopRequest, report_bad_input
+from .kaldi.pipeline import read_pipeline
 from .metrics import MetricsLog
 from .model import Model
 from .network import Network, NetworkConfig
@@ -233,7 +234,9 @@ def initial_model(cfg, dist, infos) -> tuple[Model, int]:
     if cfg.input_normalization:
         m, s = data.mean_and_std(totals["feat_sum"], totals["feat_sumsq"], frames)
         mean, std = np.tile(m, width), np.tile(s, width)
-    return Model(net_cfg, params, cfg.context, mean, std, totals["class_counts"], config.to_dict(cfg)), frames
+    pipeline = read_pipeline(os.path.dirname(infos[0].path))    # what ngsgd-prepare did to the features
+    return Model(net_cfg, params, cfg.context, mean, std, totals["class_counts"], config.to_dict(cfg),
+                 input_pipeline=pipeline), frames
 
 
 def announce(cfg, dist, log, threads, model, frames, plan, num_periods) -> None:
