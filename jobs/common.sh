@@ -1,6 +1,7 @@
 # Shared by the jobs/*.sbatch scripts (sourced, never submitted itself).
 #
-# ngsgd_setup            activate the Python environment, set thread counts, print a header
+# ngsgd_setup            activate the Python environment, set thread counts and MPICH's
+#                        Allreduce composition (see below), print a header
 # ngsgd_clean_shm        remove stale MPICH shared memory on every node of the job (see
 #                        clean_stale_shm.sh: without it a requeued job can hang in MPI_Init)
 # ngsgd_split STRING     its words, split at whitespace, in the array NGSGD_WORDS
@@ -31,6 +32,14 @@ ngsgd_setup() {
     if [ -n "${SLURM_CPUS_PER_TASK:-}" ] && [ -z "${NGSGD_THREADS_PER_RANK:-}" ]; then
         export NGSGD_THREADS_PER_RANK="$SLURM_CPUS_PER_TASK"
     fi
+    # MPICH's default Allreduce over several nodes first sums within each node, so the order
+    # of the float sums depends on how the ranks are spread over the nodes: a requeued job
+    # that lands 1+2 instead of 2+1 would resume to a final model that differs in the last
+    # bits. "2" is one flat Allreduce over all ranks, the same sums wherever they run
+    # (tests/test_multihost.py). It may be slower with many ranks per node, but there is one
+    # average per samples_per_average (0.01% of the run time on one node, docs/benchmarks.md).
+    # Other MPI libraries ignore the variable.
+    export MPIR_CVAR_ALLREDUCE_COMPOSITION="${MPIR_CVAR_ALLREDUCE_COMPOSITION:-2}"
     echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}), restart" \
          "${SLURM_RESTART_COUNT:-0}, nodes ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-1} task(s) x" \
          "$OMP_NUM_THREADS thread(s); python $(command -v python3 || echo none)"

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from . import backend, checkpoint, data, evaluation
+from . import backend, checkpoint, data, evaluation, priors
 from .faults import EXIT_OK, InputError, report_bad_input
 from .model import Model
 
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--valid-data", required=True, help="validation partition file")
     parser.add_argument("--max-models", type=int, default=20, help="consider the last this many models")
     parser.add_argument("--output", help="combined model file (default OUT_DIR/combined.h5)")
+    parser.add_argument("--train-data", help="training partitions for the priors (default: the run's)")
     args = parser.parse_args(argv)
     try:
         valid = data.open_partition(args.valid_data)
@@ -56,8 +57,15 @@ def main(argv=None) -> int:
         params, n = result
         newest = checkpoint.averaged_checkpoints(args.out_dir)[-1]
         output = args.output or os.path.join(args.out_dir, "combined.h5")
-        Model.load(newest.model_path).replace(
-            params=params, info={"combined_models": n, "period": newest.period}).save(output)
+        combined = Model.load(newest.model_path).replace(
+            params=params, info={"combined_models": n, "period": newest.period})
+        train_data = args.train_data or combined.train_config.get("train_data")
+        try:
+            combined = priors.finalize(combined, train_data)
+        except InputError as exc:
+            sys.stderr.write(f"ngsgd-combine: note: no nnet2 priors ({exc}); log-likelihood output "
+                             f"will use the label frequencies\n")
+        combined.save(output)
     except InputError as exc:
         return report_bad_input("ngsgd-combine", exc)
     print(f"ngsgd-combine: wrote {output} (average of the last {n} model(s))")

@@ -34,6 +34,10 @@ from .faults import InputError
 
 
 def _mpi():
+    # MPICH's default multi-node Allreduce sums within each node first, so where the ranks run
+    # would change the last bits of the average; the flat algorithm gives the same result for
+    # any placement (tests/test_multihost.py).  A value set by the user wins.
+    os.environ.setdefault("MPIR_CVAR_ALLREDUCE_COMPOSITION", "2")
     from mpi4py import MPI  # noqa: PLC0415 - imported lazily so math code never pulls in MPI
     return MPI
 

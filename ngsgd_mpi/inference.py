@@ -1,20 +1,23 @@
 """ngsgd-forward and ngsgd-eval: run a trained model over features.
 
 Forward (``ngsgd-forward``) writes, per utterance, a (frames x classes) float32 matrix as a
-Kaldi ark/scp (kaldiio):
+Kaldi archive (kaldi/tables.py), in input order:
 
-* ``log-posterior``: ``log p(s | x_t)``, the network output;
-* ``log-likelihood``: the hybrid pseudo log-likelihood
-  ``log p(x_t | s) = log p(s | x_t) - log p(s) + log p(x_t)``; the last term is the same for
-  every state of a frame, so it is dropped, as Kaldi's ``DecodableAmNnet`` /
-  ``nnet3-compute --use-priors`` do.  ``p(s)`` is the model file's ``class_priors`` (training
-  label frequencies), floored at ``--prior-floor`` (not renormalised) so an unseen class
-  cannot give ``log 0``.  This is what ``latgen-faster-mapped`` expects.
+* ``log-posterior``: ``log p(s | x_t)``, the network output; ``posterior``: ``p(s | x_t)``;
+* ``log-likelihood``: the hybrid pseudo log-likelihood ``log p(s | x_t) - k log p(s)`` with the
+  model's priors and the rule for classes without training frames (priors.py, P1-P3; ``k`` =
+  ``--prior-scale``).  This is what ``latgen-faster-mapped`` expects.
 
-Frames are spliced with the model's own context, exactly as in training (edge frames
-repeated), and run in batches of about ``--batch-frames`` rows that may span several
-utterances.  Every layer works row by row, so a row's value does not depend on the other
-rows in its batch beyond BLAS summation order (differences up to a few 1e-6).
+Input: ``--data DATA_DIR`` reads DATA/feats.scp through the input pipeline the model remembers
+(per-speaker CMVN from DATA/cmvn.scp + utt2spk with the training options,
+kaldi/pipeline.py); ``--feats`` takes any rspecifier (or a partition .h5) as it is.  Then
+frames are spliced with the model's own context, exactly as in training (edge frames
+repeated), normalised as in training, and run in batches of about ``--batch-frames`` rows that
+may span several utterances.  Every layer works row by row, so a row's value depends on its
+batch only through BLAS summation order (differences up to a few 1e-6).
+
+``--out ark:-`` writes the archive, and only the archive, to standard output: every message of
+these tools goes to standard error.
 
 Several ranks (``mpiexec -n N ngsgd-forward ...``) take utterances round-robin (rank r:
 utterances r, r+N, ...).  Each rank writes ``out.<r>.ark`` (and ``out.<r>.scp``); rank 0 then
@@ -33,18 +36,23 @@ import sys
 
 import numpy as np
 
-from . import backend, data, evaluation
+from . import backend, data, evaluation, priors
 from .faults import EXIT_OK, InputError, report_bad_input
-from .kaldi.tables import (AlignmentTable, KaldiTable, as_feature_matrix, kaldiio_module, output_files,
-                           parse_wspecifier, rank_path, rank_wspecifier, strip_rspecifier)
+from .kaldi.pipeline import Features, data_dir_features
+from .kaldi.tables import (INT_VECTOR, IndexedTable, TableWriter, output_files, parse_wspecifier,
+                           rank_path, rank_wspecifier)
 from .model import Model
 from .utterances import Checks, SkipReport, check_utterance
 
-OUTPUTS = ("log-posterior", "log-likelihood")
+OUTPUTS = ("log-posterior", "posterior", "log-likelihood")
 
 
 class InferenceError(InputError):
     """Bad input to ngsgd-forward / ngsgd-eval."""
+
+
+def to_stderr(message: str) -> None:
+    sys.stderr.write(message + "\n")
 
 
 # --------------------------------------------------------------------------- model and features
@@ -64,16 +72,39 @@ def load_model(path: str, context: int | None = None) -> Model:
 
 def read_utterances(feats: str, rank: int = 0, size: int = 1):
     """(utt_id, features) of utterances rank, rank + size, ... of a partition file (.h5) or a
-    Kaldi feature table (scp/ark)."""
+    Kaldi feature rspecifier, streamed, used as they are."""
     if feats.endswith(".h5"):
         yield from data.read_utterances(feats, rank, size)
         return
-    table = KaldiTable(feats)
+    table = Features(feats, "--feats", random_access=False)
     try:
-        for key, matrix in table.items(rank, size):
-            yield key, as_feature_matrix(key, matrix, table.path)
+        yield from table.items(rank, size)
     finally:
         table.close()
+
+
+def model_utterances(model: Model, model_path: str, feats: str | None = None, data_dir: str | None = None,
+                     rank: int = 0, size: int = 1, log=to_stderr):
+    """(utt_id, features) as the model expects them: ``data_dir`` through the model's input
+    pipeline (CMVN per speaker), or ``feats`` as they are."""
+    if (feats is None) == (data_dir is None):
+        raise InferenceError("give exactly one of --data DATA_DIR and --feats FEATS")
+    pipeline = model.input_pipeline
+    if data_dir is not None:
+        if pipeline is None:
+            raise InferenceError(f"{model_path}: the model does not say which input pipeline it was trained "
+                                 f"with (a checkpoint, or a model from before pipelines were stored); "
+                                 f"use --feats with features prepared as for training")
+        table = data_dir_features(data_dir, pipeline.cmvn, random_access=False)
+        try:
+            yield from table.items(rank, size)
+        finally:
+            table.close()
+        return
+    if pipeline is not None and pipeline.cmvn is not None and rank == 0:
+        log(f"note: {model_path} was trained on features with {pipeline.describe()}; --feats is used "
+            f"as it is (--data DATA_DIR applies the model's CMVN)")
+    yield from read_utterances(feats, rank, size)
 
 
 def splice_utterance(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -110,11 +141,22 @@ def log_posteriors(network, X: np.ndarray, batch_frames: int) -> np.ndarray:
     return out
 
 
-def log_priors(priors, prior_floor: float) -> np.ndarray:
-    """log(max(prior, floor)) of the model's class priors."""
-    if not prior_floor > 0:
-        raise InferenceError(f"--prior-floor must be > 0, got {prior_floor}")
-    return np.log(np.maximum(np.asarray(priors, np.float64), prior_floor)).astype(np.float32)
+def log_prior_offsets(model: Model, model_path: str, prior_scale: float = 1.0, prior_floor: float = 1e-10,
+                      log=to_stderr) -> np.ndarray:
+    """What log-likelihood output subtracts from log p(s | x) (priors.py, P1-P3): the model's
+    averaged-posterior priors, or, without them, its label frequencies (with a note)."""
+    if not prior_floor >= 0 or not np.isfinite(prior_scale):
+        raise InferenceError(f"--prior-floor must be >= 0 and --prior-scale finite, got {prior_floor}, "
+                             f"{prior_scale}")
+    if model.posterior_priors is not None:
+        prior = model.posterior_priors
+    elif model.class_priors is not None:
+        prior = model.class_priors
+        log(f"note: {model_path} has no averaged-posterior priors (a checkpoint, or an older model): "
+            f"dividing by the training label frequencies")
+    else:
+        raise InferenceError(f"{model_path}: no priors stored; use --output log-posterior")
+    return priors.log_prior_offsets(prior, model.class_counts, prior_scale, prior_floor)
 
 
 def _check_dim(utt_id: str, feats, feat_dim: int, where: str) -> None:
@@ -131,50 +173,54 @@ def _checked(utterances, feat_dim: int, where: str):
         yield utt_id, (feats if len(feats) else np.zeros((0, feat_dim), np.float32)), None
 
 
+def score_utterances(model: Model, network, utterances, output: str, offsets=None, batch_frames: int = 8192,
+                     where: str = "features"):
+    """(utt_id, (frames, classes) float32) for every (utt_id, features) of ``utterances``:
+    ``output`` of OUTPUTS; ``offsets`` from :func:`log_prior_offsets` for log-likelihoods."""
+    for group, X in batches(_checked(utterances, model.feat_dim, where), model.context, batch_frames):
+        out = log_posteriors(network, X, batch_frames)
+        if output == "log-likelihood":
+            out -= offsets
+        elif output == "posterior":
+            np.exp(out, out=out)
+        start = 0
+        for utt_id, utt_feats, _ in group:
+            yield utt_id, out[start:start + len(utt_feats)]
+            start += len(utt_feats)
+
+
 # --------------------------------------------------------------------------- forward
 
-def forward(model: str, feats: str, wspecifier: str, output: str = "log-posterior",
-            prior_floor: float = 1e-8, context: int | None = None, batch_frames: int = 8192,
-            rank: int = 0, size: int = 1) -> dict:
+def forward(model: str, feats: str | None, wspecifier: str, output: str = "log-posterior",
+            prior_scale: float = 1.0, prior_floor: float = 1e-10, context: int | None = None,
+            batch_frames: int = 8192, rank: int = 0, size: int = 1, data_dir: str | None = None,
+            log=to_stderr) -> dict:
     """Write this rank's share of the per-utterance outputs; returns {"utterances",
     "frames", "wspecifier"} of what this rank wrote.  With size > 1 the file names get
-    ``.<rank>`` (see the module docstring)."""
-    kaldiio = kaldiio_module()
+    ``.<rank>`` (see the module docstring).  Nothing is left behind on an error."""
     if output not in OUTPUTS:
         raise InferenceError(f"--output must be one of {', '.join(OUTPUTS)}, got {output!r}")
     if batch_frames < 1:
         raise InferenceError(f"--batch-frames must be >= 1, got {batch_frames}")
-    wspecifier, files = rank_wspecifier(wspecifier, rank, size)
+    wspecifier, _ = rank_wspecifier(wspecifier, rank, size)
     loaded = load_model(model, context)
     network = loaded.network()
-    subtract = None
+    offsets = None
     if output == "log-likelihood":
-        if loaded.class_priors is None:
-            raise InferenceError(f"{model}: no class_priors stored; use --output log-posterior")
-        subtract = log_priors(loaded.class_priors, prior_floor)
-    if not feats.endswith(".h5") and not os.path.isfile(strip_rspecifier(feats)[0]):
-        raise InferenceError(f"--feats {feats}: file does not exist")
-
+        offsets = log_prior_offsets(loaded, model, prior_scale, prior_floor, log if rank == 0 else _quiet)
+    utterances = model_utterances(loaded, model, feats, data_dir, rank, size, log)
     num_utts = num_frames = 0
-    try:
-        with kaldiio.WriteHelper(wspecifier) as writer:
-            for group, X in batches(_checked(read_utterances(feats, rank, size), loaded.feat_dim, feats),
-                                    loaded.context, batch_frames):
-                out = log_posteriors(network, X, batch_frames)
-                if subtract is not None:
-                    out -= subtract
-                start = 0
-                for utt_id, utt_feats, _ in group:
-                    writer(utt_id, out[start:start + len(utt_feats)])
-                    start += len(utt_feats)
-                    num_utts += 1
-                num_frames += len(X)
-    except BaseException:
-        for f in files:             # no partial output
-            if os.path.isfile(f):
-                os.remove(f)
-        raise
+    with TableWriter(wspecifier) as writer:
+        for utt_id, matrix in score_utterances(loaded, network, utterances, output, offsets, batch_frames,
+                                               feats or data_dir):
+            writer.write(utt_id, matrix)
+            num_utts += 1
+            num_frames += len(matrix)
     return {"utterances": num_utts, "frames": num_frames, "wspecifier": wspecifier}
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def merge_rank_scps(scp: str, size: int) -> None:
@@ -197,7 +243,8 @@ def merge_rank_scps(scp: str, size: int) -> None:
 def evaluate(model: str, data_path: str, ali: str | None = None, context: int | None = None,
              batch_frames: int = 8192, length_tolerance: int = 2) -> dict:
     """Objective, frame accuracy and per-class accuracy of ``model`` on a partition file, or on
-    Kaldi features with an alignment (utterances that ngsgd-prepare would skip are skipped and
+    Kaldi features (an rspecifier, or a data directory read through the model's input pipeline)
+    with an alignment of class ids (utterances that ngsgd-prepare would skip are skipped and
     counted the same way)."""
     loaded = load_model(model, context)
     network = loaded.network()
@@ -211,10 +258,12 @@ def evaluate(model: str, data_path: str, ali: str | None = None, context: int | 
             raise InferenceError("--ali is needed with Kaldi features (or give a partition .h5)")
         report = SkipReport()
         checks = Checks(num_classes, length_tolerance, float("inf"))
-        alignment = AlignmentTable(ali)
+        alignment = IndexedTable(ali, INT_VECTOR, "--ali")
         try:
-            usable = _labelled_utterances(read_utterances(data_path), alignment, checks, report,
-                                          loaded.feat_dim, data_path)
+            alignment.index()
+            utterances = model_utterances(loaded, model, data_dir=data_path) if os.path.isdir(data_path) \
+                else read_utterances(data_path)
+            usable = _labelled_utterances(utterances, alignment, checks, report, loaded.feat_dim, data_path)
             num_utts = 0
 
             def blocks():
@@ -263,12 +312,19 @@ def format_result(result: dict) -> str:
 
 def forward_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ngsgd-forward", description="model + features -> per-utterance "
-                                "log-posteriors or pseudo log-likelihoods as a Kaldi ark/scp")
+                                "log-posteriors, posteriors or pseudo log-likelihoods as a Kaldi archive")
     p.add_argument("--model", required=True, help="model file (final.h5 or a checkpoint's model.h5)")
-    p.add_argument("--feats", required=True, help="feats.scp, an .ark, or a partition .h5")
-    p.add_argument("--out", required=True, help="Kaldi wspecifier, e.g. ark,scp:out.ark,out.scp")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="Kaldi data directory: feats.scp through the model's input pipeline "
+                        "(per-speaker CMVN from cmvn.scp + utt2spk)")
+    source.add_argument("--feats", help="any feature rspecifier (scp:, ark:, 'ark:cmd |', ark:-, .gz) or a "
+                        "partition .h5, used as it is")
+    p.add_argument("--out", required=True, help="Kaldi wspecifier, e.g. ark,scp:out.ark,out.scp or ark:-")
     p.add_argument("--output", choices=OUTPUTS, default="log-posterior")
-    p.add_argument("--prior-floor", type=float, default=1e-8, help="floor of the class priors")
+    p.add_argument("--prior-scale", type=float, default=1.0,
+                   help="log-likelihood = log-posterior - scale * log-prior")
+    p.add_argument("--prior-floor", type=float, default=1e-10, help="classes whose training frequency is "
+                   "below this are disabled in log-likelihood output (nnet1's rule)")
     p.add_argument("--context", type=int, default=None, help="splicing context (default: the model's)")
     p.add_argument("--batch-frames", type=int, default=8192, help="frames per forward pass")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
@@ -283,9 +339,9 @@ def forward_main(argv=None) -> int:
     with distributed.abort_on_exception(dist):
         backend.use_device(args.device)
         try:
-            summary = dist.agree(lambda: forward(args.model, args.feats, args.out, args.output,
-                                                 args.prior_floor, args.context, args.batch_frames,
-                                                 dist.rank, dist.size))
+            summary = dist.agree(lambda: forward(
+                args.model, args.feats, args.out, args.output, args.prior_scale, args.prior_floor,
+                args.context, args.batch_frames, dist.rank, dist.size, data_dir=args.data))
         except InputError as exc:
             _remove_output(args.out, dist)     # another rank may have failed after this one finished
             return report_bad_input("ngsgd-forward", exc, speak=dist.rank == 0)
@@ -296,8 +352,8 @@ def forward_main(argv=None) -> int:
         if dist.rank == 0:
             ranks = f" ({dist.size} ranks: per-rank arks {rank_path(files['ark'], 0)} ...)" \
                 if dist.size > 1 else ""
-            print(f"ngsgd-forward: {int(totals[0]):,} utterances, {int(totals[1]):,} frames, "
-                  f"{args.output} -> {args.out}{ranks}")
+            to_stderr(f"ngsgd-forward: {int(totals[0]):,} utterances, {int(totals[1]):,} frames, "
+                      f"{args.output} -> {args.out}{ranks}")
     return EXIT_OK
 
 
@@ -315,8 +371,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ngsgd-eval", description="frame accuracy, objective and "
                                 "per-class accuracy of a model")
     p.add_argument("--model", required=True, help="model file")
-    p.add_argument("--data", required=True, help="a partition .h5, or feats.scp/.ark with --ali")
-    p.add_argument("--ali", help="alignment for Kaldi features (int32-vector ark/scp or text)")
+    p.add_argument("--data", required=True, help="a partition .h5, a feature rspecifier, or a Kaldi data "
+                   "directory (read through the model's input pipeline), with --ali")
+    p.add_argument("--ali", help="alignment of class ids for Kaldi features (an int32-vector rspecifier)")
     p.add_argument("--context", type=int, default=None, help="splicing context (default: the model's)")
     p.add_argument("--batch-frames", type=int, default=8192, help="frames per forward pass")
     p.add_argument("--length-tolerance", type=int, default=2,

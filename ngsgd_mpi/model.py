@@ -6,10 +6,17 @@
     params        (P,) float32    the flat parameter buffer (layout: network.py)
     input_mean    (D,) float32    fixed input normalisation per spliced input dimension
     input_std     (D,) float32      (absent when input_normalization was off)
-    class_counts  (C,) float64    training frames per class
-    class_priors  (C,) float64    class_counts / their sum (what log-likelihood output divides by)
-    meta: network_config, train_config, context, and what the writer adds
+    class_counts  (C,) float64    training frames per class (label frequencies)
+    class_priors  (C,) float64    class_counts / their sum
+    posterior_priors (C,) float64 the average posterior of the final model over training frames
+                                  (priors.py, as nnet-adjust-priors; final.h5 only): what
+                                  log-likelihood output divides by
+    meta: network_config, train_config, context, input_pipeline (CMVN options and targets, see
+          kaldi/pipeline.py; null when unknown), and what the writer adds
           (period, batch, samples, combined_models)
+
+The input pipeline of a frame is: CMVN (input_pipeline) -> splicing (context) -> normalisation
+(input_mean / input_std) -> the network.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 
 from . import storage
 from .faults import InputError
+from .kaldi.pipeline import InputPipeline, PipelineError
 from .network import Network, NetworkConfig
 from .options import ConfigError
 
@@ -41,6 +49,8 @@ class Model:
     class_counts: np.ndarray | None = None
     train_config: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)      # period, batch, samples, combined_models
+    posterior_priors: np.ndarray | None = None    # (C,) average posterior over training frames
+    input_pipeline: InputPipeline | None = None   # CMVN and targets (None: unknown)
 
     @property
     def feat_dim(self) -> int:
@@ -71,8 +81,11 @@ class Model:
         if self.class_counts is not None:
             record["class_counts"] = np.asarray(self.class_counts, np.float64)
             record["class_priors"] = self.class_priors
+        if self.posterior_priors is not None:
+            record["posterior_priors"] = np.asarray(self.posterior_priors, np.float64)
         meta = {**self.info, "network_config": self.network_config.to_dict(),
-                "train_config": self.train_config, "context": self.context}
+                "train_config": self.train_config, "context": self.context,
+                "input_pipeline": None if self.input_pipeline is None else self.input_pipeline.to_dict()}
         storage.write(path, MODEL_FORMAT, record, meta)
 
     @classmethod
@@ -103,4 +116,15 @@ class Model:
         counts = record.get("class_counts")
         if counts is not None and (counts.shape != (net_cfg.num_classes,) or np.any(counts < 0)):
             raise ModelError(f"{path}: class_counts must be ({net_cfg.num_classes},) non-negative counts")
-        return cls(net_cfg, params, context, mean, std, counts, train_config, meta)
+        priors = record.get("posterior_priors")
+        if priors is not None and (priors.shape != (net_cfg.num_classes,) or not np.all(np.isfinite(priors))
+                                   or np.any(priors < 0) or abs(float(priors.sum()) - 1.0) > 1e-6):
+            raise ModelError(f"{path}: posterior_priors must be ({net_cfg.num_classes},) non-negative "
+                             f"values summing to 1")
+        pipeline = meta.pop("input_pipeline", None)
+        try:
+            if pipeline is not None:
+                pipeline = InputPipeline.from_dict(pipeline, f"{path}: input_pipeline")
+        except PipelineError as exc:
+            raise ModelError(str(exc)) from None
+        return cls(net_cfg, params, context, mean, std, counts, train_config, meta, priors, pipeline)

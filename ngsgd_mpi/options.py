@@ -9,7 +9,7 @@ the validation of every value, and the records the modules take:
 
 Adding an option is one :class:`Option` line in the right group; a module
 reads it from the record it already gets.  This module imports only the
-standard library, so the math modules can use its records.
+standard library and ``faults.py``, so the math modules can use its records.
 """
 
 from __future__ import annotations

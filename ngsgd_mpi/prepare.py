@@ -3,19 +3,26 @@
 Output layout (every subcommand; format in docs/data-format.md)::
 
     OUT/train/train.0.h5 ... train.{K-1}.h5   training partitions, one or more per rank
+    OUT/train/pipeline.json                    the input pipeline (CMVN options, targets), for the model
     OUT/valid.h5                               held-out utterances (when asked for; demo: its test split)
     OUT/stats.json                             global mean/std, class counts, what was skipped
+
+Kaldi input is a recipe's data and alignment directories (``--data DATA --ali-dir ALI``:
+DATA/feats.scp with per-speaker CMVN from DATA/cmvn.scp + utt2spk and ALI/cmvn_opts, the
+transition-id alignments ALI/ali.*.gz mapped to pdf-ids or phones through ALI/final.mdl), or any
+rspecifiers (``--feats``, ``--ali``; kaldi/tables.py).
 
 Two passes; memory holds one utterance plus an index of O(#utterances):
 
 1. *scan*: every utterance is read once and checked (:func:`check_utterance`);
    the usable ones are kept as (id, frames, where to find it again) and the
    problems are counted in a :class:`SkipReport` (``--strict``: the first one
-   is an error).
+   is an error).  Tables that cannot be re-read (pipes, stdin, gzip) are
+   spooled to the temporary output directory as they stream past.
 2. *write*: the usable utterances are shuffled with ``--seed`` and dealt, in
    that order, to the partition with the fewest frames so far; then each
    partition is written by reading its utterances again by random access
-   (Kaldi scp/ark offsets, memory-mapped .npy members, HDF5 row ranges).
+   (Kaldi scp/ark offsets or the spool, memory-mapped .npy members, HDF5 row ranges).
 
 Balance: let partition k end with the most frames and let its last
 utterance have length l.  When k received it, k had the fewest frames, at
@@ -42,7 +49,11 @@ import numpy as np
 
 from . import data
 from .faults import EXIT_OK, InputError, report_bad_input
-from .kaldi.tables import AlignmentTable, KaldiTable, as_feature_matrix
+from .kaldi.feats import CmvnError, parse_cmvn_opts
+from .kaldi.model import KaldiFormatError, read_transition_model
+from .kaldi.pipeline import Cmvn, Features, InputPipeline, data_dir_features, read_cmvn_opts, \
+    read_pipeline, write_pipeline
+from .kaldi.tables import INT_VECTOR, IndexedTable, gzipped_files, parse_rspecifier
 from .options import Option, add_arguments, convert_given, record_class
 from .utterances import FLOAT16_MAX, Checks, SkipReport, check_utterance
 
@@ -76,44 +87,105 @@ def _feat_dim_of(utt_id: str, feats: np.ndarray, feat_dim: int | None, where: st
 
 # --------------------------------------------------------------------------- sources
 
+class TargetMap:
+    """Transition-ids -> classes through a Kaldi TransitionModel (``final.mdl``): pdf-ids
+    (``--targets pdf``; C = the model's pdfs, as ali-to-pdf) or phone ids (``--targets phone``;
+    C = largest phone id + 1, class 0 = <eps> never occurs, as ali-to-phones --per-frame)."""
+
+    def __init__(self, model_path: str, targets: str):
+        if not os.path.isfile(model_path):
+            raise PrepareError(f"{model_path} does not exist: Kaldi alignments (ali.*.gz) hold "
+                               f"transition-ids, which need the model to become {targets} ids")
+        try:
+            model = read_transition_model(model_path)
+        except KaldiFormatError as exc:
+            raise PrepareError(str(exc)) from None
+        self.path, self.targets = model_path, targets
+        self.lookup = model.tid2pdf if targets == "pdf" else model.tid2phone
+        self.num_classes = model.num_pdfs if targets == "pdf" else model.num_phones + 1
+        self.num_transition_ids = model.num_transition_ids
+
+    def __call__(self, key: str, tids: np.ndarray, where: str) -> np.ndarray:
+        if len(tids) and (tids.min() < 1 or tids.max() > self.num_transition_ids):
+            bad = int(tids.min() if tids.min() < 1 else tids.max())
+            raise PrepareError(f"{where}: utterance {key!r} has transition-id {bad}, but {self.path} has "
+                               f"transition-ids 1..{self.num_transition_ids}: the alignment is not "
+                               f"from this model")
+        return self.lookup[tids]
+
+
 class KaldiSource:
-    """Utterances of a Kaldi feature table with a frame alignment."""
+    """Utterances of a Kaldi feature table (optionally through per-speaker CMVN) with a
+    frame alignment (class ids, or transition-ids mapped by a :class:`TargetMap`)."""
     kind = "kaldi"
-    num_classes = None
     class_names = None
     dtype = None
 
-    def __init__(self, feats: str, ali: str):
-        self.feats = KaldiTable(feats)
-        self.ali = AlignmentTable(ali)
+    def __init__(self, features, ali: str, targets: TargetMap | None = None,
+                 pipeline: InputPipeline | None = None, num_classes: int | None = None):
+        """``features``: a callable workdir -> :class:`Features` (tables that spool need to know
+        where); ``ali``: an rspecifier."""
+        self._features, self.ali_spec, self.targets = features, ali, targets
+        self.pipeline = pipeline or InputPipeline(targets=targets.targets if targets else "labels")
+        self.num_classes = targets.num_classes if targets else None
+        if targets and num_classes is not None and num_classes != targets.num_classes:
+            raise PrepareError(f"--num-classes {num_classes} differs from the {targets.num_classes} "
+                               f"{targets.targets} classes of {targets.path}")
+        self.given_classes = num_classes
+        spec = parse_rspecifier(ali, "--ali")
+        if targets is None:
+            gz = gzipped_files(spec, "--ali")
+            if gz:
+                raise PrepareError(f"--ali {gz[0]} is gzipped, as the transition-id alignments of Kaldi "
+                                   f"training (ali.*.gz) are: give --transition-model final.mdl (or use "
+                                   f"--ali-dir); pdf alignments are written by ali-to-pdf")
+        self.feats = self.ali = None
 
-    def scan(self, checks: Checks, report: SkipReport) -> Scan:
+    def scan(self, checks: Checks, report: SkipReport, workdir: str | None = None) -> Scan:
+        self.feats = self._features(workdir)
+        self.ali = IndexedTable(self.ali_spec, INT_VECTOR, "--ali", workdir,
+                                self._to_classes if self.targets is not None else None)
+        if self.feats.spec.is_stdin and self.ali.spec.is_stdin:
+            raise PrepareError("--feats and --ali cannot both be standard input")
+        self.ali.index()
         utts, feat_dim, max_label, seen = [], None, -1, set()
         for key, feats in self.feats.items():
             seen.add(key)
             if key not in self.ali:
-                report.skip(key, "missing_labels", f"has features but no alignment in {self.ali.path}")
+                report.skip(key, "missing_labels", f"has features but no alignment in {self.ali.name}")
                 continue
-            feats = as_feature_matrix(key, feats, self.feats.path)
             labels = self.ali.read(key)
+            self._check_not_transition_ids(key, labels)
             if len(feats):
-                feat_dim = _feat_dim_of(key, feats, feat_dim, self.feats.path)
+                feat_dim = _feat_dim_of(key, feats, feat_dim, self.feats.name)
             n = check_utterance(key, feats, labels, checks, report)
             if n is not None:
                 utts.append(Utt(key, n))
                 max_label = max(max_label, int(labels[:n].max()))
         for key in self.ali.keys():
             if key not in seen:
-                report.skip(key, "missing_feats", f"has an alignment but no features in {self.feats.path}")
+                report.skip(key, "missing_feats", f"has an alignment but no features in {self.feats.name}")
         return Scan(utts, feat_dim, max_label)
 
+    def _to_classes(self, key: str, tids: np.ndarray) -> np.ndarray:
+        return self.targets(key, tids, self.ali.table.current)
+
+    def _check_not_transition_ids(self, key: str, labels: np.ndarray) -> None:
+        """Without a model, a label beyond --num-classes is not mess but a wrong class count or
+        transition-ids taken for pdfs: stop."""
+        c = self.given_classes
+        if self.targets is None and c is not None and len(labels) and int(labels.max()) >= c:
+            raise PrepareError(f"{self.ali.name}: utterance {key!r} has label {int(labels.max())} >= "
+                               f"--num-classes {c}: transition-id alignments need --transition-model "
+                               f"final.mdl (or --ali-dir); pdf alignments need a larger --num-classes")
+
     def read(self, utt: Utt):
-        feats = as_feature_matrix(utt.utt_id, self.feats.read(utt.utt_id), self.feats.path)
-        return feats[:utt.num_frames], self.ali.read(utt.utt_id)[:utt.num_frames]
+        return self.feats.read(utt.utt_id)[:utt.num_frames], self.ali.read(utt.utt_id)[:utt.num_frames]
 
     def close(self) -> None:
-        self.feats.close()
-        self.ali.close()
+        for table in (self.feats, self.ali):
+            if table is not None:
+                table.close()
 
 
 @dataclass
@@ -198,13 +270,14 @@ class ArraySource:
     """Utterances of one or more ArraySets (.npz files, the demo corpus)."""
     kind = "numpy"
     dtype = None
+    pipeline = InputPipeline()
 
     def __init__(self, sets: list[ArraySet], num_classes: int | None = None, class_names=None):
         self.sets = sets
         self.num_classes = num_classes
         self.class_names = class_names
 
-    def scan(self, checks: Checks, report: SkipReport) -> Scan:
+    def scan(self, checks: Checks, report: SkipReport, workdir: str | None = None) -> Scan:
         utts, feat_dim, max_label, seen = [], None, -1, set()
         for s, arrays in enumerate(self.sets):
             o = arrays.utt_offsets
@@ -245,10 +318,11 @@ class PartitionSource:
                 raise PrepareError(f"{info.path}: feat_dim/num_classes {info.feat_dim}/{info.num_classes} "
                                    f"differ from {first.path} ({first.feat_dim}/{first.num_classes})")
         self.num_classes = first.num_classes
+        self.pipeline = read_pipeline(os.path.dirname(paths[0])) or InputPipeline()
         self.readers = [data.PartitionReader(info) for info in self.infos]
         self.dtype = self.readers[0].feats_dtype
 
-    def scan(self, checks: Checks, report: SkipReport) -> Scan:
+    def scan(self, checks: Checks, report: SkipReport, workdir: str | None = None) -> Scan:
         """Partitions were checked when written and by open_partition: nothing to skip."""
         utts, seen = [], set()
         for p, (info, reader) in enumerate(zip(self.infos, self.readers)):
@@ -291,7 +365,8 @@ PREPARE_OPTIONS = [
            group="storage", choices=("float16", "float32")),
     Option("strict", bool, False, "any skipped or trimmed utterance is an error (nothing is written)",
            group="storage"),
-    Option("num_classes", int, None, "number of classes (default: max label + 1)", group="labels", minimum=2),
+    Option("num_classes", int, None, "number of classes (default: the model's; without one, max label + 1)",
+           group="labels", minimum=2),
     Option("valid_fraction", float, 0.0, "fraction of the utterances held out as valid.h5", group="labels",
            minimum=0, below=1),
     Option("valid_utts", str, None, "file listing the held-out utterance ids (first token per line)",
@@ -369,6 +444,9 @@ def _publish(tmp: str, out_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+SPOOL_DIR = ".spool"          # copies of streamed tables, inside the temporary output directory
+
+
 def prepare(source, out_dir: str, opts: PrepareOptions, valid_source=None, copy_valid: str | None = None,
             log=print) -> dict:
     """Scan ``source``, split it and write OUT (see the module docstring).
@@ -378,16 +456,18 @@ def prepare(source, out_dir: str, opts: PrepareOptions, valid_source=None, copy_
     out_dir = os.path.abspath(out_dir)
     tmp = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.tmp{os.getpid()}")
     try:
-        _check_out_dir(out_dir, opts.overwrite)
-        report = SkipReport(opts.strict)
-        stats = _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log)
+        try:
+            _check_out_dir(out_dir, opts.overwrite)
+            report = SkipReport(opts.strict)
+            stats = _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log)
+        finally:
+            source.close()
+            if valid_source is not None:
+                valid_source.close()
+            shutil.rmtree(os.path.join(tmp, SPOOL_DIR), ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        source.close()
-        if valid_source is not None:
-            valid_source.close()
     _publish(tmp, out_dir)
     for line in _summary(stats, out_dir) + report.lines(opts.length_tolerance):
         log(line)
@@ -400,7 +480,7 @@ def _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log) ->
     checks = Checks(given_classes, opts.length_tolerance,
                     FLOAT16_MAX if dtype == np.float16 else float(np.finfo(dtype).max))
 
-    scan = source.scan(checks, report)
+    scan = source.scan(checks, report, os.path.join(tmp, SPOOL_DIR))
     valid_scan = valid_source.scan(checks, report) if valid_source is not None else None
     if not scan.utts:
         raise PrepareError("no usable utterances. " + " ".join(report.lines(opts.length_tolerance)))
@@ -411,7 +491,9 @@ def _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log) ->
     num_classes = given_classes
     if num_classes is None:
         num_classes = max(scan.max_label, valid_scan.max_label if valid_scan else -1) + 1
-        log(f"note: --num-classes not given; using max label + 1 = {num_classes}")
+        log(f"note: --num-classes not given; using max label + 1 = {num_classes}"
+            + (" (if these are Kaldi transition-ids, give --transition-model final.mdl)"
+               if source.kind == "kaldi" else ""))
         if num_classes < 2:
             raise PrepareError("only label 0 occurs; pass --num-classes (>= 2)")
 
@@ -430,6 +512,7 @@ def _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log) ->
         _write_file(path, source, [train[i] for i in members], feat_dim, num_classes, dtype, k,
                     opts.num_partitions, "train")
         train_paths.append(path)
+    write_pipeline(os.path.join(tmp, "train"), source.pipeline)
     valid_path = os.path.join(tmp, "valid.h5")
     if copy_valid is not None:
         shutil.copyfile(copy_valid, valid_path)
@@ -458,7 +541,10 @@ def _stats(infos, valid_info, report, source, opts, dtype, inferred) -> dict:
                                                   "utts": int(len(valid_info.utt_offsets) - 1)},
         "feat_mean": mean.tolist(), "feat_std": std.tolist(),
         "class_counts": [int(c) for c in sum(i.class_counts for i in infos)],
+        "input_pipeline": source.pipeline.to_dict(),
     }
+    if getattr(source, "targets", None) is not None:
+        stats["transition_model"] = source.targets.path
     if source.class_names is not None:
         stats["class_names"] = [str(c) for c in source.class_names]
     stats.update(report.to_dict())
@@ -478,9 +564,71 @@ def _summary(stats: dict, out_dir: str) -> list[str]:
 
 # --------------------------------------------------------------------------- subcommands
 
-def prepare_kaldi(feats: str, ali: str, out_dir: str, opts: PrepareOptions, log=print) -> dict:
-    """Partitions from a Kaldi feature table (scp/ark) and a frame alignment."""
-    return prepare(KaldiSource(feats, ali), out_dir, opts, log=log)
+@dataclass
+class KaldiInputs:
+    """What ``ngsgd-prepare kaldi`` reads: features (``data_dir`` or ``feats``) and an alignment
+    (``ali_dir`` or ``ali``), see :func:`kaldi_source`."""
+    feats: str | None = None              # an rspecifier, used as read
+    data_dir: str | None = None           # DATA/feats.scp + per-speaker CMVN
+    ali: str | None = None                # an rspecifier of class ids (or transition-ids, with a model)
+    ali_dir: str | None = None            # ALI/ali.*.gz, ALI/final.mdl, ALI/cmvn_opts
+    transition_model: str | None = None   # final.mdl for --ali (default with --ali-dir: ALI/final.mdl)
+    targets: str = "pdf"                  # pdf | phone (with a model)
+    no_cmvn: bool = False
+    cmvn_opts: str | None = None          # apply-cmvn options (default: ALI/cmvn_opts, or Kaldi's)
+
+
+def kaldi_source(inputs: KaldiInputs, num_classes: int | None = None) -> KaldiSource:
+    """The KaldiSource for ``inputs``; every inconsistent combination is a PrepareError."""
+    i = inputs
+    if (i.feats is None) == (i.data_dir is None):
+        raise PrepareError("give exactly one of --data DATA_DIR and --feats FEATS")
+    if (i.ali is None) == (i.ali_dir is None):
+        raise PrepareError("give exactly one of --ali-dir ALI_DIR and --ali ALI")
+    if i.targets not in ("pdf", "phone"):
+        raise PrepareError(f"--targets must be pdf or phone, got {i.targets!r}")
+    if i.data_dir is None and (i.no_cmvn or i.cmvn_opts is not None):
+        raise PrepareError("--no-cmvn and --cmvn-opts go with --data (--feats is used as read)")
+    model_path = i.transition_model
+    if i.ali_dir is not None:
+        if not os.path.isdir(i.ali_dir):
+            raise PrepareError(f"--ali-dir {i.ali_dir}: not a directory")
+        ali = os.path.join(i.ali_dir, "ali.*.gz")
+        model_path = model_path or os.path.join(i.ali_dir, "final.mdl")
+    else:
+        ali = i.ali
+    if model_path is None and i.targets == "phone":
+        raise PrepareError("--targets phone needs transition-id alignments and their model "
+                           "(--ali-dir, or --transition-model)")
+    targets = TargetMap(model_path, i.targets) if model_path is not None else None
+
+    cmvn = None
+    if i.data_dir is not None and not i.no_cmvn:
+        if i.cmvn_opts is not None:
+            try:
+                cmvn = Cmvn(*parse_cmvn_opts(i.cmvn_opts, "--cmvn-opts"))
+            except CmvnError as exc:
+                raise PrepareError(str(exc)) from None
+        else:
+            cmvn = read_cmvn_opts(os.path.join(i.ali_dir, "cmvn_opts")) if i.ali_dir else Cmvn()
+        if not cmvn.norm_means:
+            cmvn = None                   # apply-cmvn --norm-means=false copies its input
+    if i.data_dir is not None:
+        def features(workdir):
+            return data_dir_features(i.data_dir, cmvn, workdir)
+    else:
+        def features(workdir):
+            return Features(i.feats, "--feats", None, workdir)
+    pipeline = InputPipeline(cmvn, targets.targets if targets else "labels")
+    return KaldiSource(features, ali, targets, pipeline, num_classes)
+
+
+def prepare_kaldi(feats: str | None, ali: str | None, out_dir: str, opts: PrepareOptions, log=print,
+                  **inputs) -> dict:
+    """Partitions from Kaldi features and a frame alignment (``inputs``: the other fields of
+    :class:`KaldiInputs`)."""
+    source = kaldi_source(KaldiInputs(feats=feats, ali=ali, **inputs), opts.num_classes)
+    return prepare(source, out_dir, opts, log=log)
 
 
 def prepare_numpy(paths: list[str], out_dir: str, opts: PrepareOptions, log=print) -> dict:
@@ -535,7 +683,7 @@ SUBCOMMAND_OPTIONS = {"kaldi": ("output", "storage", "labels", "alignment"),
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ngsgd-prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    helps = {"kaldi": "from Kaldi features (scp/ark) and a frame alignment",
+    helps = {"kaldi": "from a Kaldi data dir and alignment dir (or any feature and alignment tables)",
              "numpy": "from .npz files (feats, labels, utt_offsets, optional utt_ids)",
              "demo": "from the embedded demo corpus",
              "repartition": "re-split prepared partitions for another number of ranks"}
@@ -545,9 +693,22 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--out", required=True,
                              help="output directory (train/train.K.h5, valid.h5, stats.json)")
         add_arguments(command, _options(*groups))
-    commands["kaldi"].add_argument("--feats", required=True, help="feats.scp or an .ark (kaldiio)")
-    commands["kaldi"].add_argument("--ali", required=True, help="alignment: int32-vector ark/scp "
-                                   "(ali-to-pdf output) or text 'utt id id ...'")
+    kaldi = commands["kaldi"]
+    kaldi.add_argument("--data", help="Kaldi data directory: feats.scp, with per-speaker CMVN from "
+                       "cmvn.scp and utt2spk (options from ALI_DIR/cmvn_opts)")
+    kaldi.add_argument("--feats", help="instead of --data: any feature rspecifier, used as read "
+                       "(scp:, ark:, ark,s,cs:, 'ark:cmd |', ark:-, .gz, globs)")
+    kaldi.add_argument("--ali-dir", help="Kaldi alignment directory: ali.*.gz (transition-ids), "
+                       "final.mdl, cmvn_opts")
+    kaldi.add_argument("--ali", help="instead of --ali-dir: an alignment rspecifier of class ids "
+                       "(ali-to-pdf output; binary or text), or of transition-ids with --transition-model")
+    kaldi.add_argument("--transition-model", help="final.mdl that maps --ali's transition-ids "
+                       "(default with --ali-dir: ALI_DIR/final.mdl)")
+    kaldi.add_argument("--targets", choices=("pdf", "phone"), default="pdf",
+                       help="classes from transition-ids: pdf-ids (ali-to-pdf) or phones (ali-to-phones)")
+    kaldi.add_argument("--no-cmvn", action="store_true", help="with --data: no CMVN")
+    kaldi.add_argument("--cmvn-opts", help="with --data: apply-cmvn options, e.g. '--norm-vars=true' "
+                       "(default: ALI_DIR/cmvn_opts; empty: Kaldi's defaults)")
     commands["numpy"].add_argument("npz", nargs="+", help=".npz files")
     commands["repartition"].add_argument("in_dir", help="a directory written by ngsgd-prepare")
     return parser
@@ -566,7 +727,9 @@ def main(argv=None) -> int:
     try:
         opts = options_from_args(args)
         if args.command == "kaldi":
-            prepare_kaldi(args.feats, args.ali, args.out, opts)
+            prepare_kaldi(args.feats, args.ali, args.out, opts, data_dir=args.data, ali_dir=args.ali_dir,
+                          transition_model=args.transition_model, targets=args.targets,
+                          no_cmvn=args.no_cmvn, cmvn_opts=args.cmvn_opts)
         elif args.command == "numpy":
             prepare_numpy(args.npz, args.out, opts)
         elif args.command == "demo":

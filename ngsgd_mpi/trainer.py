@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import averaging, backend, checkpoint, combine, config, data, evaluation
+from . import averaging, backend, checkpoint, combine, config, data, evaluation, priors
 from .faults import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, DivergedError, InputError, \
     StopRequest, report_bad_input
+from .kaldi.pipeline import read_pipeline
 from .metrics import MetricsLog
 from .model import Model
 from .network import Network, NetworkConfig
@@ -233,7 +234,9 @@ def initial_model(cfg, dist, infos) -> tuple[Model, int]:
     if cfg.input_normalization:
         m, s = data.mean_and_std(totals["feat_sum"], totals["feat_sumsq"], frames)
         mean, std = np.tile(m, width), np.tile(s, width)
-    return Model(net_cfg, params, cfg.context, mean, std, totals["class_counts"], config.to_dict(cfg)), frames
+    pipeline = read_pipeline(os.path.dirname(infos[0].path))    # what ngsgd-prepare did to the features
+    return Model(net_cfg, params, cfg.context, mean, std, totals["class_counts"], config.to_dict(cfg),
+                 input_pipeline=pipeline), frames
 
 
 def announce(cfg, dist, log, threads, model, frames, plan, num_periods) -> None:
@@ -296,17 +299,19 @@ def finish_period(cfg, dist, network, updater, prog, valid, plan) -> dict:
 
 
 def finish_training(cfg, model, network, valid, log, period) -> None:
-    """final.h5: the best average of the last checkpoints (or the last model)."""
+    """final.h5: the best average of the last checkpoints (or the last model), with priors
+    and input pipeline (priors.finalize)."""
     final = os.path.join(cfg.out_dir, "final.h5")
     if cfg.combine_last_k > 1 and valid is not None:
         result = combine.combine_checkpoints(cfg.out_dir, valid, cfg.combine_last_k, log=log.info)
         if result is not None:
             params, n = result
-            model.replace(params=params, info={"period": period, "combined_models": n}).save(final)
+            priors.finalize(model.replace(params=params, info={"period": period, "combined_models": n}),
+                            cfg.train_data, log.info).save(final)
             log.info(f"done: {period} periods; final model {final} (average of the last {n})")
             return
-    model.replace(params=backend.to_host(network.params),
-                  info={"period": period, "combined_models": 1}).save(final)
+    priors.finalize(model.replace(params=backend.to_host(network.params), info={"period": period,
+                    "combined_models": 1}), cfg.train_data, log.info).save(final)
     log.info(f"done: {period} periods; final model {final}")
 
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  pkgs="espeak-ng libespeak-ng1 slurm-wlm munge"
+  pkgs="espeak-ng libespeak-ng1 slurm-wlm munge iproute2"
   missing=""
   for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
   if [ -n "$missing" ]; then

@@ -1,9 +1,10 @@
 """ngsgd-prepare: Kaldi/NumPy/demo input -> partitions, balance, messy input, repartition."""
 
+import gzip
 import json
 import os
 import re
-import sys
+import shutil
 from pathlib import Path
 
 import h5py
@@ -12,6 +13,9 @@ import numpy as np
 import pytest
 
 from ngsgd_mpi import data, prepare
+from ngsgd_mpi.kaldi.model import read_transition_model
+from ngsgd_mpi.kaldi.pipeline import read_pipeline
+from ngsgd_mpi.kaldi.tables import INT_VECTOR, SequentialTable
 
 FEAT_DIM, NUM_CLASSES = 5, 7
 
@@ -188,8 +192,8 @@ def messy_dir(tmp_path):
     alis[keys[2]] = alis[keys[2]][:-3]                 # 3 frames short: skipped
     del alis[keys[3]]                                  # no alignment
     alis["orphan"] = np.zeros(4, np.int32)             # no features
-    alis[keys[4]][3] = NUM_CLASSES + 2                 # label out of range (with --num-classes)
-    alis[keys[5]][0] = -1                              # negative label
+    alis[keys[4]][3] = -2                              # negative labels
+    alis[keys[5]][0] = -1
     feats[keys[6]][4, 1] = np.nan
     feats[keys[7]][0, 0] = np.inf
     feats[keys[8]] = np.zeros((0, FEAT_DIM), np.float32)
@@ -226,7 +230,7 @@ def test_length_tolerance_option(tmp_path):
     stats = prepare.prepare_kaldi(str(root / "feats.scp"), str(root / "ali.ark"), str(tmp_path / "o"),
                                   opts(length_tolerance=0), log=lambda s: None)
     assert stats["skipped"]["length_mismatch"] == 3 and stats["trimmed"] == 0
-    assert stats["skipped"]["label_out_of_range"] == 1           # only the negative one: C inferred
+    assert stats["skipped"]["label_out_of_range"] == 2
     assert stats["skipped"].get("overflow") is None              # float32 storage holds 1e5
 
 
@@ -235,7 +239,7 @@ def test_length_tolerance_option(tmp_path):
     ("mismatch", "10 feature frames but 7 labels"),
     ("missing_labels", "has features but no alignment"),
     ("missing_feats", "has an alignment but no features"),
-    ("range", r"labels in \[0, 9\] are outside \[0, 7\)"),
+    ("range", r"labels in \[-1, 6\] are outside \[0, 7\)"),
     ("nan", "frame\\(s\\) with NaN/Inf features"),
     ("empty", "empty utterance"),
     ("overflow", r"do not fit the stored type \(\|x\| <= 65504; float16: use --dtype float32\)"),
@@ -253,7 +257,7 @@ def test_strict_makes_every_problem_an_error_and_writes_nothing(tmp_path, capsys
     elif problem == "missing_feats":
         alis["u9"] = alis["u0"]
     elif problem == "range":
-        alis["u1"][5] = 9
+        alis["u1"][5] = -1
     elif problem == "nan":
         feats["u1"][3, 0] = np.nan
     elif problem == "empty":
@@ -305,9 +309,18 @@ def test_bad_inputs_exit_2_with_one_message(kaldi_dir, tmp_path, capsys, monkeyp
         assert prepare.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("ngsgd-prepare: error: ") and message in err, err
-    monkeypatch.setitem(sys.modules, "kaldiio", None)             # the optional extra missing
-    assert prepare.main(args + ["--out", str(tmp_path / "o")]) == 2
-    assert "pip install 'ngsgd_mpi[kaldi]'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["kaldi"]
+
+
+def test_labels_beyond_num_classes_stop_with_a_transition_id_hint(kaldi_dir, tmp_path, capsys):
+    """Not mess to skip: a wrong --num-classes, or transition-ids taken for pdfs."""
+    root, utts = kaldi_dir
+    assert prepare.main(["kaldi", "--feats", str(root / "feats.scp"), "--ali", str(root / "ali.ark"),
+                         "--out", str(tmp_path / "o"), "--num-classes", str(NUM_CLASSES - 1)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"ngsgd-prepare: error: --ali {root}/ali.ark: utterance '\S+' has label 6 >= "
+                        rf"--num-classes 6: transition-id alignments need --transition-model final.mdl "
+                        rf"\(or --ali-dir\); pdf alignments need a larger --num-classes\n", err), err
     assert sorted(os.listdir(tmp_path)) == ["kaldi"]
 
 
@@ -317,7 +330,7 @@ def test_overwrite_replaces_the_output(kaldi_dir, tmp_path):
     for k in (3, 2):
         prepare.prepare_kaldi(str(root / "feats.scp"), str(root / "ali.ark"), str(out),
                               opts(num_partitions=k, overwrite=True), log=lambda s: None)
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["train.0.h5", "train.1.h5"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["pipeline.json", "train.0.h5", "train.1.h5"]
     assert sorted(os.listdir(tmp_path)) == ["kaldi", "out"]
 
 
@@ -385,7 +398,7 @@ def test_demo_subcommand_with_a_small_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(ngsgd_mpi.corpus, "load_demo_corpus", lambda: corpus, raising=False)
     out = tmp_path / "demo_data"
     assert prepare.main(["demo", "--out", str(out), "--num-partitions", "2"]) == 0
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["train.0.h5", "train.1.h5"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["pipeline.json", "train.0.h5", "train.1.h5"]
     found = read_back(out)
     assert set(found) == {f"train-{k}" for k in train}
     for k, (feats, labels) in train.items():
@@ -456,3 +469,211 @@ def test_repartition_round_trip(kaldi_dir, tmp_path, capsys):
     assert max(frames) - min(frames) <= 60                       # the longest utterance
     assert "5 training partition(s)" in capsys.readouterr().out
     assert prepare.main(["repartition", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+# --------------------------------------------------------------------------- Kaldi recipe directories
+
+YESNO = Path(__file__).resolve().parents[1].parent / "shared/kaldi/yesno"
+
+
+def recipe_data_dir(tmp_path, name="train", edit_utt2spk=None):
+    """A copy of yesno/data/NAME whose scp locations point at the shared arks (Kaldi's are
+    relative to the recipe directory); ``edit_utt2spk`` may change the utt2spk text."""
+    d = tmp_path / name
+    d.mkdir()
+    for fname in ("feats.scp", "cmvn.scp"):
+        lines = (YESNO / "data" / name / fname).read_text().splitlines()
+        (d / fname).write_text("".join(f"{k} {YESNO / loc}\n" for k, loc in (line.split() for line in lines)))
+    utt2spk = (YESNO / "data" / name / "utt2spk").read_text()
+    (d / "utt2spk").write_text(edit_utt2spk(utt2spk) if edit_utt2spk else utt2spk)
+    return d
+
+
+def raw_features(split="train"):
+    table = SequentialTable(f"{YESNO}/mfcc/raw_mfcc_{split}.1.ark")      # checked against Kaldi's reader
+    return {key: value for key, value, _ in table}
+
+
+def transition_ids(model_dir):
+    return {k: v for k, v, _ in SequentialTable(f"{YESNO}/exp/{model_dir}/ali.1.gz", INT_VECTOR)}
+
+
+def cmvn_stats(split="train"):
+    (key, stats, _), = SequentialTable(f"{YESNO}/mfcc/cmvn_{split}.ark")
+    return stats
+
+
+def occs(model_dir):
+    return np.array((YESNO / "exp" / model_dir / "final.occs").read_text().strip(" []\n").split(), float)
+
+
+def read_all(out):
+    found = read_back(out)
+    if (out / "valid.h5").exists():
+        with h5py.File(out / "valid.h5") as f:
+            o = f["utt_offsets"][()]
+            for u, utt in enumerate(s.decode() for s in f["utt_ids"][()]):
+                found[utt] = (f["feats"][o[u]:o[u + 1]], f["labels"][o[u]:o[u + 1]], -1)
+    return found
+
+
+@pytest.mark.parametrize("model_dir", ["mono", "tri1"])
+def test_recipe_dirs_transition_ids_to_pdfs_match_final_occs(tmp_path, model_dir):
+    out = tmp_path / "out"
+    messages = []
+    stats = prepare.prepare_kaldi(
+        None, None, str(out), opts(num_partitions=2, valid_fraction=0.1), log=messages.append,
+        data_dir=str(recipe_data_dir(tmp_path)), ali_dir=str(YESNO / "exp" / model_dir))
+    tm = read_transition_model(str(YESNO / "exp" / model_dir / "final.mdl"))
+    tids = transition_ids(model_dir)
+    # every transition-id alignment mapped through the model: exactly Kaldi's occupation counts
+    all_counts = sum(np.bincount(tm.tid2pdf[t], minlength=tm.num_pdfs) for t in tids.values())
+    np.testing.assert_array_equal(all_counts, occs(model_dir))
+    assert stats["num_classes"] == tm.num_pdfs and not stats["num_classes_inferred"]
+    assert stats["skipped"] == {"missing_feats": 8}                # their features were damaged (README)
+    found = read_all(out)
+    assert len(found) == 42 and set(found) <= set(tids)
+    for utt, (_, labels, _) in found.items():
+        np.testing.assert_array_equal(labels, tm.tid2pdf[tids[utt]])
+    kept = sum(np.bincount(tm.tid2pdf[tids[u]], minlength=tm.num_pdfs) for u in found if found[u][2] >= 0)
+    assert stats["class_counts"] == kept.tolist()
+    assert stats["transition_model"] == str(YESNO / "exp" / model_dir / "final.mdl")
+    assert stats["input_pipeline"]["cmvn"] == {"norm_means": True, "norm_vars": False}   # empty cmvn_opts
+    assert read_pipeline(str(out / "train")).to_dict() == stats["input_pipeline"]
+    assert sorted(os.listdir(out)) == ["stats.json", "train", "valid.h5"]                # no spool left
+
+
+@pytest.mark.parametrize("cmvn_opts", [None, "--norm-vars=true"])
+def test_recipe_features_equal_an_independent_apply_cmvn(tmp_path, cmvn_opts):
+    out = tmp_path / "out"
+    extra = {} if cmvn_opts is None else {"cmvn_opts": cmvn_opts}
+    prepare.prepare_kaldi(None, None, str(out), opts(), log=lambda s: None,
+                          data_dir=str(recipe_data_dir(tmp_path)), ali_dir=str(YESNO / "exp" / "mono"), **extra)
+    raw, stats = raw_features(), cmvn_stats()
+    count, dim = stats[0, -1], raw[next(iter(raw))].shape[1]
+    mean = stats[0, :dim] / count
+    std = np.sqrt(stats[1, :dim] / count - mean ** 2)
+    for utt, (feats, _, _) in read_back(out).items():
+        x = raw[utt].astype(np.float64)
+        if cmvn_opts is None:
+            # apply-cmvn, means only, in Kaldi's float32 steps: x + float(float(-1/n) * sum)
+            offset = (np.float64(np.float32(-1.0 / count)) * stats[0, :dim]).astype(np.float32)
+            np.testing.assert_array_equal(feats, raw[utt] + offset)
+            np.testing.assert_allclose(feats, x - mean, atol=2e-5)
+        else:
+            np.testing.assert_allclose(feats, (x - mean) / std, atol=2e-5)
+    assert json.loads((out / "stats.json").read_text())["input_pipeline"]["cmvn"]["norm_vars"] == bool(cmvn_opts)
+
+
+def test_recipe_rspecifier_forms_and_no_cmvn_give_the_same_partitions(tmp_path, monkeypatch):
+    monkeypatch.chdir(YESNO)                        # the scp paths are relative to the recipe, as in Kaldi
+    a, b = tmp_path / "a", tmp_path / "b"
+    prepare.prepare_kaldi(None, None, str(a), opts(num_partitions=2), log=lambda s: None,
+                          data_dir="data/train", ali_dir="exp/tri1", no_cmvn=True)
+    assert prepare.main(["kaldi", "--feats", "ark,s,cs:cat mfcc/raw_mfcc_train.1.ark |",
+                         "--ali", "ark:gunzip -c exp/tri1/ali.*.gz |", "--transition-model",
+                         "exp/tri1/final.mdl", "--out", str(b), "--num-partitions", "2",
+                         "--dtype", "float32"]) == 0
+    found_a, found_b = read_back(a), read_back(b)
+    assert found_a.keys() == found_b.keys() and len(found_a) == 42
+    raw = raw_features()
+    for utt in found_a:
+        np.testing.assert_array_equal(found_a[utt][0], raw[utt])               # --no-cmvn: as read
+        np.testing.assert_array_equal(found_b[utt][0], raw[utt])
+        np.testing.assert_array_equal(found_a[utt][1], found_b[utt][1])
+    assert read_pipeline(str(a / "train")).cmvn is None
+    assert sorted(os.listdir(b)) == ["stats.json", "train"]                    # the spool is gone
+    c = tmp_path / "c"                              # --norm-means=false: apply-cmvn copies its input
+    prepare.prepare_kaldi(None, None, str(c), opts(), log=lambda s: None, data_dir="data/train",
+                          ali_dir="exp/tri1", cmvn_opts="--norm-means=false")
+    assert read_pipeline(str(c / "train")).cmvn is None
+    for utt, (feats, _, _) in read_back(c).items():
+        np.testing.assert_array_equal(feats, raw[utt])
+
+
+def test_recipe_phone_targets(tmp_path):
+    out = tmp_path / "out"
+    stats = prepare.prepare_kaldi(None, None, str(out), opts(), log=lambda s: None,
+                                  data_dir=str(recipe_data_dir(tmp_path)), ali_dir=str(YESNO / "exp" / "tri1"),
+                                  targets="phone")
+    tm = read_transition_model(str(YESNO / "exp" / "tri1" / "final.mdl"))
+    assert stats["num_classes"] == tm.num_phones + 1 and stats["input_pipeline"]["targets"] == "phone"
+    tids = transition_ids("tri1")
+    for utt, (_, labels, _) in read_back(out).items():
+        np.testing.assert_array_equal(labels, tm.tid2phone[tids[utt]])
+    assert stats["class_counts"][0] == 0                                       # <eps> is never a target
+
+
+def one_line_error(capsys, argv, tmp_path, *keep):
+    assert prepare.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("ngsgd-prepare: error: ")
+    assert len(captured.err.splitlines()) == 1, captured.err
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)                       # nothing written
+    return captured.err
+
+
+def test_recipe_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    data_dir = recipe_data_dir(tmp_path)
+    out = ["--out", str(tmp_path / "out")]
+    base = ["kaldi", "--data", str(data_dir)] + out
+    keep = ("train",)
+    # a .gz that is not gzip
+    fake = tmp_path / "fake_ali"
+    fake.mkdir()
+    shutil.copy(YESNO / "exp" / "mono" / "final.mdl", fake)
+    (fake / "ali.1.gz").write_bytes(b"not gzip at all")
+    err = one_line_error(capsys, base + ["--ali-dir", str(fake)], tmp_path, *keep, "fake_ali")
+    assert "ali.1.gz: not a gzip file" in err
+    # a truncated ark (of gzipped alignments, and of features)
+    data = gzip.decompress((YESNO / "exp" / "mono" / "ali.1.gz").read_bytes())
+    (fake / "ali.1.gz").write_bytes(gzip.compress(data[:len(data) // 2]))
+    err = one_line_error(capsys, base + ["--ali-dir", str(fake)], tmp_path, *keep, "fake_ali")
+    assert "truncated" in err
+    (tmp_path / "cut.ark").write_bytes((YESNO / "mfcc" / "raw_mfcc_train.1.ark").read_bytes()[:50000])
+    err = one_line_error(capsys, ["kaldi", "--feats", str(tmp_path / "cut.ark"), "--ali-dir",
+                                  str(YESNO / "exp" / "mono")] + out, tmp_path, *keep, "fake_ali", "cut.ark")
+    assert f"{tmp_path}/cut.ark: truncated" in err
+    # a model whose transition-ids do not cover the alignment
+    err = one_line_error(capsys, base + ["--ali", str(YESNO / "exp" / "mono" / "ali.1.gz"), "--transition-model",
+                                         str(YESNO.parent / "yesno_decode/exp/mono0a/final.mdl")],
+                         tmp_path, *keep, "fake_ali", "cut.ark")
+    assert re.search(r"has transition-id \d+, but \S+final.mdl has transition-ids 1..30: the alignment is "
+                     r"not from this model", err)
+    # cmvn.scp missing a speaker
+    moved = recipe_data_dir(tmp_path / "fake_ali", edit_utt2spk=lambda t: t.replace(
+        "Speaker1_0_0_1_0_0_1_1_0 Speaker1", "Speaker1_0_0_1_0_0_1_1_0 Speaker2"))
+    err = one_line_error(capsys, ["kaldi", "--data", str(moved), "--ali-dir", str(YESNO / "exp" / "mono")] + out,
+                         tmp_path, *keep, "fake_ali", "cut.ark")
+    assert "cmvn.scp: no CMVN statistics for speaker 'Speaker2' (of utterance 'Speaker1_0_0_1_0_0_1_1_0')" in err
+    # a pipe command that fails
+    err = one_line_error(capsys, ["kaldi", "--feats", f"ark:cat {tmp_path}/none.ark |", "--ali-dir",
+                                  str(YESNO / "exp" / "mono")] + out, tmp_path, *keep, "fake_ali", "cut.ark")
+    assert re.search(r"--feats: command 'cat \S+none.ark' failed \(exit status 1\): .*No such file", err)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ali", "{yesno}/exp/mono/ali.1.gz"], "is gzipped, as the transition-id alignments of Kaldi training"),
+    (["--ali-dir", "{tmp}"], "final.mdl does not exist: Kaldi alignments (ali.*.gz) hold transition-ids"),
+    (["--ali", "{yesno}/exp/mono/ali.1.gz", "--targets", "phone"], "--targets phone needs transition-id"),
+    (["--ali-dir", "{yesno}/exp/mono", "--feats", "x.ark"], "give exactly one of --data DATA_DIR and --feats"),
+    (["--ali-dir", "{yesno}/exp/mono", "--num-classes", "30"], "--num-classes 30 differs from the 22 pdf"),
+    (["--ali-dir", "{yesno}/exp/mono", "--cmvn-opts=--norm-vars=maybe"], "--norm-vars takes true or false"),
+])
+def test_recipe_inconsistent_options(tmp_path, capsys, argv, message):
+    data_dir = recipe_data_dir(tmp_path)
+    shutil.copy(YESNO / "exp" / "mono" / "ali.1.gz", tmp_path)
+    argv = [a.format(yesno=YESNO, tmp=tmp_path) for a in argv]
+    err = one_line_error(capsys, ["kaldi", "--data", str(data_dir), "--out", str(tmp_path / "out")] + argv,
+                         tmp_path, "train", "ali.1.gz")
+    assert message in err, err
+
+
+def test_repartition_keeps_the_input_pipeline(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    prepare.prepare_kaldi(None, None, str(first), opts(num_partitions=2), log=lambda s: None,
+                          data_dir=str(recipe_data_dir(tmp_path)), ali_dir=str(YESNO / "exp" / "mono"),
+                          cmvn_opts="--norm-vars=true")
+    assert prepare.main(["repartition", str(first), "--out", str(second), "--num-partitions", "3"]) == 0
+    assert read_pipeline(str(second / "train")) == read_pipeline(str(first / "train"))
+    assert read_pipeline(str(second / "train")).cmvn.norm_vars
