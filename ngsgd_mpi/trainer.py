@@ -256,7 +256,7 @@ def announce(cfg, dist, log, threads, model, frames, plan, num_periods) -> None:
 
 def params_finite(network) -> bool:
     xp = backend.array_module(network.params)
-    return bool(xp.isfinite(network.params).all())
+    return bool(backend.to_host(xp.isfinite(network.params).all()))     # once per period
 
 
 def roll_back(cfg, network, updater, snapshot, prog, log) -> None:
