@@ -140,7 +140,10 @@ def start_now_and_finish(slurm, job, workdir) -> dict:
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n--- job log\n{log_of(workdir, 'train')}") from None
     assert info["JobState"] == "PENDING", log_of(workdir, "train")
-    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    # not "now": slurmd refuses a credential issued in the same second as the revocation of
+    # the previous run's ("Killing non-startable batch job: Job credential revoked", seen under
+    # load); Slurm's own requeue delay exists for this
+    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"])
     info = wait_ended(slurm, job, workdir, "train", 120)
     assert_completed(info, workdir, "train")
     assert info["Restarts"] == "1"
