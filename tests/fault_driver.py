@@ -7,6 +7,8 @@ FAULT is one of
     nan:RANK:PERIOD[:TIMES]   objective becomes NaN on RANK in PERIOD (1-based), the first TIMES tries
     kill_in_write:PERIOD      SIGKILL this process half-way through writing checkpoint PERIOD's model
     hang:RANK:PERIOD          RANK sleeps forever before the average closing PERIOD
+    nan_data:RANK:LOAD        RANK's LOAD-th window read (1-based) comes back with a NaN in its first
+                              frame, as if its partition file had changed after the start-up scan
     spin:RANK:PERIOD:DIR      RANK writes DIR/rank<r>.pid, then DIR/rank<r>.spinning during minibatch 2
                               of PERIOD and multiplies matrices there forever (a rank stuck in BLAS;
                               stop signals are received but never acted on)
@@ -26,7 +28,7 @@ import time
 
 import numpy as np
 
-from ngsgd_mpi import cli, storage, trainer
+from ngsgd_mpi import cli, data, storage, trainer
 
 
 def main():
@@ -91,6 +93,38 @@ def main():
                 time.sleep(3600)
             return original(cfg, dist, model, network, updater, prog, *rest)
         trainer.finish_period = finish_period
+    elif kind == "nan_data":
+        bad_rank, load = int(fault[1]), int(fault[2])
+        loads, original_init = [0], data.MinibatchStream.__init__
+
+        class Poisoned:
+            """An h5py file whose 'feats' reads are counted and the LOAD-th one poisoned."""
+
+            def __init__(self, file):
+                self.file = file
+
+            def __getitem__(self, name):
+                return PoisonedFeats(self.file[name]) if name == "feats" else self.file[name]
+
+            def close(self):
+                self.file.close()
+
+        class PoisonedFeats:
+            def __init__(self, dset):
+                self.dset = dset
+
+            def __getitem__(self, key):
+                rows = self.dset[key]
+                loads[0] += 1
+                if loads[0] == load:
+                    rows[0, 0] = np.nan
+                return rows
+
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            if rank == bad_rank:
+                self._files = [Poisoned(f) for f in self._files]
+        data.MinibatchStream.__init__ = init
     elif kind == "spin":
         spin_rank, period, where = int(fault[1]), int(fault[2]), fault[3]
         original = trainer.train_step
