@@ -18,8 +18,9 @@ usable.
 
 Ownership of the output directory (:func:`check_out_dir` before anything is written,
 :func:`claim_out_dir` once every input is checked): one run per directory.  A new run needs
-an empty (or absent) ``out_dir``; ``--resume`` continues the run in it; ``--overwrite``
-deletes an earlier run first (only a directory that holds one).  While a run is active,
+an ``out_dir`` without an earlier run's files (:data:`RUN_FILES`; a log file or anything
+else of the user's may be there and is left alone); ``--resume`` continues the run in it;
+``--overwrite`` deletes the earlier run's files first.  While a run is active,
 rank 0 holds an advisory lock on the directory, so a second job is refused instead of
 interleaving its files.  Claiming collects what a killed run left: temp files
 (``*.tmp<pid>``) and checkpoint directories without COMPLETE (torn writes, half-pruned).
@@ -90,10 +91,12 @@ def read_run_id(out_dir: str) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
-def holds_a_run(out_dir: str) -> bool:
-    """Whether ``out_dir`` looks like an ngsgd-train output directory (safe to --overwrite)."""
-    return any(os.path.exists(os.path.join(out_dir, name))
-               for name in (RUN_FILE, "checkpoints", "metrics.jsonl", "final.h5"))
+RUN_FILES = (RUN_FILE, "checkpoints", "metrics.jsonl", "final.h5", "combined.h5")   # what a run writes
+
+
+def run_files(out_dir: str) -> list[str]:
+    """The names in ``out_dir`` that a run wrote (logs and other files are not a run)."""
+    return [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
 
 
 def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
@@ -108,26 +111,21 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool) -> None:
         raise OutDirError(f"{where} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutDirError(f"{where}: {existing} is not writable (read-only file system or no permission)")
-    if existing != out_dir or resume or not os.listdir(out_dir):
-        return
-    if not overwrite:
-        done = len(complete_checkpoints(out_dir))
-        raise OutDirError(f"{where} is not empty ({'an earlier run, ' if holds_a_run(out_dir) else ''}"
-                          f"{done} checkpoint(s)): continue it with --resume, delete it and start over "
-                          f"with --overwrite, or choose another out_dir")
-    if not holds_a_run(out_dir):
-        raise OutDirError(f"{where} is not empty and holds no ngsgd-train run (no {RUN_FILE}, checkpoints/ "
-                          f"or metrics.jsonl): refusing to --overwrite it")
+    found = run_files(out_dir) if existing == out_dir else []
+    if found and not (resume or overwrite):
+        raise OutDirError(f"{where} holds an earlier run ({', '.join(found)}; "
+                          f"{len(complete_checkpoints(out_dir))} checkpoint(s)): continue it with --resume, "
+                          f"delete it and start over with --overwrite, or choose another out_dir")
 
 
 def claim_out_dir(out_dir: str, resume: bool, overwrite: bool, log) -> str:
     """Rank 0, once every input is checked: make ``out_dir`` this run's (create it, lock it,
-    clear it for --overwrite, collect what a killed run left); returns the run id."""
+    delete an earlier run for --overwrite, collect what a killed run left); returns the run id."""
     try:
         os.makedirs(out_dir, exist_ok=True)
         _lock(out_dir)
-        if overwrite:
-            for name in os.listdir(out_dir):
+        if overwrite and run_files(out_dir):
+            for name in run_files(out_dir):
                 path = os.path.join(out_dir, name)
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
             log(f"--overwrite: deleted the earlier run in {out_dir}")

@@ -127,10 +127,10 @@ OPTIONS_LIST: list[Option] = [
     *_group(
         "run",
         Option("out_dir", str, "runs/default", "output directory: checkpoints, metrics.jsonl, final model",
-               kaldi="the exp directory"),
+               kaldi="the exp directory", required=True),
         Option("device", str, "cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"),
                kaldi="--use-gpu"),
-        Option("seed", int, 0, "seed for initialisation and shuffling", kaldi="--srand"),
+        Option("seed", int, 0, "seed for initialisation and shuffling", minimum=0, kaldi="--srand"),
         Option("threads_per_rank", int, 0, "BLAS threads per rank; 0 = this node's cores / ranks on the node",
                minimum=0, kaldi="--num-threads"),
         Option("resume", bool, False, "continue from the newest usable checkpoint in out_dir", saved=False),

@@ -81,7 +81,7 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
     try:
         # inputs, model, optimizer, schedule (bad input on any rank: all stop, nothing written)
         threads, infos, valid = check_inputs(cfg, dist, log)
-        model, corpus_frames = initial_model(cfg, dist, infos)
+        model, corpus_frames = dist.agree(lambda: initial_model(cfg, dist, infos))
         network = model.network()
         updater = make_updater(network, subset(cfg, OptimizerConfig))
         plan = Plan.make(cfg, dist.size, corpus_frames)
@@ -255,6 +255,10 @@ def open_data(cfg, dist):
         if (info.feat_dim, info.num_classes) != (first.feat_dim, first.num_classes):
             raise data.DataError(f"{info.path}: feat_dim/num_classes {info.feat_dim}/{info.num_classes} "
                                  f"differ from {first.path} ({first.feat_dim}/{first.num_classes})")
+    frames = sum(i.num_frames for i in infos)
+    if cfg.minibatch_size > frames:
+        raise ConfigError(f"option minibatch_size: {cfg.minibatch_size} is more than the {frames} frames of "
+                          f"rank {dist.rank}'s partitions")
     valid = (data.open_partition(cfg.valid_data, first.feat_dim, first.num_classes)
              if cfg.valid_data and dist.rank == 0 else None)
     return infos, valid
@@ -291,6 +295,12 @@ def initial_model(cfg, dist, infos) -> tuple[Model, int]:
     frames = int(totals["frames"])
     width = 2 * cfg.context + 1
     net_cfg = subset(cfg, NetworkConfig, input_dim=feat_dim * width, num_classes=num_classes)
+    # parameters, gradients, the period snapshot and the updater's copies: refuse rather than swap
+    need, have = 16 * net_cfg.num_params(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ConfigError(f"the network ({net_cfg.num_params():,} parameters for context {cfg.context}, "
+                          f"feat_dim {feat_dim}, {num_classes} classes) needs about {need / 2**30:.0f} GiB, "
+                          f"more than this machine's {have / 2**30:.0f} GiB")
     params = backend.to_host(Network(net_cfg, seed=cfg.seed).params)   # same seed: same start everywhere
     mean = std = None
     if cfg.input_normalization:

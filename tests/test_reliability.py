@@ -17,7 +17,7 @@ import pytest
 import synthetic
 from ngsgd_mpi import checkpoint, data
 from ngsgd_mpi.faults import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_RANK_LOST, EXIT_STOPPED
-from test_trainer import args_for, final_params, metrics
+from test_trainer import args_for, metrics
 
 HERE = os.path.dirname(__file__)
 TRAIN = [sys.executable, "-m", "ngsgd_mpi.cli"]
@@ -144,8 +144,9 @@ def test_out_dir_belongs_to_one_run(dataset, tmp_path):
     ok(launch(2, TRAIN + argv))
     run_id = checkpoint.read_run_id(out)
     before = sorted(os.listdir(out))
-    line = bad_input(2, argv, f"option out_dir: {out} is not empty", "--resume", "--overwrite")
-    assert "an earlier run" in line and sorted(os.listdir(out)) == before     # nothing touched
+    bad_input(2, argv, f"option out_dir: {out} holds an earlier run (RUN, checkpoints, metrics.jsonl, "
+              "final.h5;", "--resume", "--overwrite")
+    assert sorted(os.listdir(out)) == before                                  # nothing touched
     ok(launch(2, TRAIN + argv + ["--overwrite"]))
     assert checkpoint.read_run_id(out) != run_id
     assert [r["period"] for r in metrics(out)] == list(range(1, len(metrics(out)) + 1))   # not appended
@@ -157,12 +158,15 @@ def test_out_dir_belongs_to_one_run(dataset, tmp_path):
     assert 99 not in [c.period for c in checkpoint.complete_checkpoints(out)]
 
 
-def test_overwrite_refuses_a_directory_that_holds_no_run(dataset, tmp_path):
-    out = tmp_path / "precious"
+def test_overwrite_deletes_only_what_a_run_wrote(dataset, tmp_path):
+    """A log file in out_dir (Slurm's --output, tee) is no earlier run and is never deleted."""
+    out = tmp_path / "run"
     out.mkdir()
-    (out / "thesis.tex").write_text("years of work")
-    bad_input(1, args_for(*dataset, str(out)) + ["--overwrite"], "holds no ngsgd-train run")
-    assert (out / "thesis.tex").exists()
+    (out / "train.log").write_text("the log of this very run")
+    argv = args_for(*dataset, str(out), num_epochs=0.5)
+    ok(launch(1, TRAIN + argv))
+    ok(launch(1, TRAIN + argv + ["--overwrite"]))
+    assert (out / "train.log").read_text() == "the log of this very run"
 
 
 def test_a_second_job_on_the_same_out_dir_is_refused(dataset, tmp_path):
