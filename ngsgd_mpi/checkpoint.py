@@ -169,12 +169,13 @@ def collect_orphans(out_dir: str, log) -> None:
     """Delete the temp files and the checkpoint directories without COMPLETE that a killed run
     left behind (rank 0 holds the directory's lock: no one else is writing)."""
     removed = []
-    for root, _, files in os.walk(out_dir):
+    ckpts = os.path.join(out_dir, "checkpoints")
+    own = [(out_dir, None, [f for f in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, f))])]
+    for root, _, files in [*own, *os.walk(ckpts)]:              # not the user's other directories
         for name in files:
             if _TEMP_RE.search(name):
                 removed.append(os.path.join(root, name))
                 os.remove(removed[-1])
-    ckpts = os.path.join(out_dir, "checkpoints")
     for name in sorted(os.listdir(ckpts)) if os.path.isdir(ckpts) else []:
         path = os.path.join(ckpts, name)
         if _CKPT_RE.match(name) and not os.path.isfile(os.path.join(path, "COMPLETE")):

@@ -96,8 +96,14 @@ class Dist:
                        stop: StopRequest | None = None) -> None:
         """Watch every later collective (``timeout`` 0 or one rank: no watchdog).  A collective
         call; all ranks make it right after start-up."""
-        if self.size > 1 and timeout > 0 and self.watchdog is None:
-            self.watchdog = Watchdog(self, timeout, stop_timeout, getattr(stop, "wakeup_fd", None))
+        if self.size == 1 or timeout <= 0 or self.watchdog is not None:
+            return
+        if self.MPI.Query_thread() != self.MPI.THREAD_MULTIPLE:       # a site MPI built without it
+            if self.rank == 0:
+                sys.stderr.write("warning: MPI was initialised without MPI_THREAD_MULTIPLE; collectives "
+                                 "are not watched (a hung rank is not detected)\n")
+            return
+        self.watchdog = Watchdog(self, timeout, stop_timeout, getattr(stop, "wakeup_fd", None))
 
     def stop_watchdog(self) -> None:
         if self.watchdog is not None:
@@ -336,6 +342,8 @@ class Watchdog:
                        f"(stuck in computation or I/O?)")
         else:
             answers = self._ask_everyone(count)
+            if self.state[0] != count or self.state[1] is None:
+                return                            # the last rank arrived while we asked
             missing = {r: _describe(a, count) for r, a in answers.items()
                        if a is None or not (a[1] and a[0] == count)}
             if missing:

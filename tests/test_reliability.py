@@ -192,10 +192,12 @@ def test_resume_collects_leftovers_and_restarts_cleanly_without_a_checkpoint(dat
     (out / "final.h5").rename(out / f"final.h5.tmp{os.getpid()}")
     torn = checkpoint.checkpoint_dir(str(out), 1)
     open(os.path.join(torn, f"state-r0000.h5.tmp{os.getpid() + 1}"), "wb").close()
+    (out / "plots").mkdir()
+    (out / "plots" / "draft.tmp7").write_text("the user's, not a run's")
     res = ok(launch(2, TRAIN + argv + ["--resume"]))
     assert "collected" in res.stdout and "no usable checkpoint" in res.stdout
     leftovers = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if ".tmp" in f]
-    assert leftovers == []
+    assert leftovers == [str(out / "plots" / "draft.tmp7")]
     recs = metrics(str(out))
     assert [r["period"] for r in recs] == list(range(1, len(recs) + 1))        # period 1 once
 
