@@ -127,7 +127,10 @@ def claim_out_dir(out_dir: str, resume: bool, overwrite: bool, log) -> str:
         if overwrite and run_files(out_dir):
             for name in run_files(out_dir):
                 path = os.path.join(out_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
             log(f"--overwrite: deleted the earlier run in {out_dir}")
         collect_orphans(out_dir, log)
         run_id = read_run_id(out_dir) if resume else None
@@ -311,13 +314,19 @@ def resume(out_dir: str, dist, restore, log):
                 f"trying an older one")
             unusable.append((ckpt, exc))
     for ckpt, exc in unusable:
-        if exc.raised(RankCountError):
-            raise RankCountError(f"{ckpt.path}: no checkpoint fits {dist.size} ranks; this one is "
-                                 f"mid-period, written by {ckpt.num_ranks}: resume with {ckpt.num_ranks} "
-                                 f"ranks") from None
+        if exc.raised(RankCountError):              # not damaged: the wrong number of ranks
+
+            def refuse(ckpt=ckpt):
+                raise RankCountError(f"{ckpt.path}: no checkpoint fits {dist.size} ranks; this one is "
+                                     f"mid-period, written by {ckpt.num_ranks}: resume with "
+                                     f"{ckpt.num_ranks} ranks")
+            dist.agree(refuse, "the choice of the checkpoint to resume from")
     if dist.rank == 0:
         for ckpt, _ in unusable:
-            os.replace(ckpt.path, f"{ckpt.path}.unusable")
-            log(f"set aside {ckpt.path} as {os.path.basename(ckpt.path)}.unusable")
+            aside, n = f"{ckpt.path}.unusable", 1
+            while os.path.exists(aside):                    # set aside before, by an earlier resume
+                aside, n = f"{ckpt.path}.unusable{n}", n + 1
+            os.rename(ckpt.path, aside)
+            log(f"set aside {ckpt.path} as {os.path.basename(aside)}")
     dist.barrier("the barrier after setting unusable checkpoints aside")
     return None

@@ -474,12 +474,13 @@ def test_resume_on_fewer_ranks_keeps_the_samples_and_stops_at_total_samples(data
     assert total <= recs[-1]["samples"] < total + period
 
 
-def test_a_mid_period_checkpoint_of_other_ranks_alone_is_one_line(dataset, tmp_path):
+def test_a_mid_period_checkpoint_of_other_ranks_alone_is_one_line(tmp_path):
     out = str(tmp_path / "run")
-    argv = args_for(*dataset, out, num_epochs=1, signal_check_every=1)
+    argv = args_for(*synthetic.write_dataset(tmp_path / "data", num_partitions=3), out, num_epochs=1,
+                    signal_check_every=1)
     res = launch(2, DRIVER + ["stop_at:1:1:3"] + argv)                 # before the first average
     assert res.returncode == EXIT_STOPPED, res.stdout + res.stderr
-    bad_input(1, argv + ["--resume"], "no checkpoint fits 1 ranks", "resume with 2 ranks")
+    bad_input(3, argv + ["--resume"], "no checkpoint fits 3 ranks", "resume with 2 ranks")
     assert [c.batch for c in checkpoint.complete_checkpoints(out)] == [3]        # still there
 
 
