@@ -1,6 +1,6 @@
 """Training data: the HDF5 partition format, its writer, and the per-rank minibatch stream.
 
-Format (version 1, see docs/data-format.md) -- one HDF5 file per partition:
+Format (version 2, see docs/data-format.md) -- one HDF5 file per partition:
 
     feats        (T, F) float16|float32, chunked by rows  un-spliced frames
     labels       (T,)   int32                             class id per frame
@@ -9,8 +9,13 @@ Format (version 1, see docs/data-format.md) -- one HDF5 file per partition:
     class_counts (C,)   int64   label histogram of this file  (for priors)
     feat_sum     (F,)   float64 sum of frames                (for mean/variance)
     feat_sumsq   (F,)   float64 sum of squared frames
-    attrs: format="ngsgd_mpi.partition", format_version=1, feat_dim, num_classes,
-           num_frames, num_utts, partition_index, num_partitions, role ("train"|"valid")
+    attrs: format="ngsgd_mpi.partition", format_version=2, feat_dim, num_classes,
+           num_frames, num_utts, partition_index, num_partitions, role ("train"|"valid"),
+           dataset_id (the same for every partition of one preparation; new in version 2)
+
+Every dataset is stored plainly inside the file (no compression, links or external storage):
+:func:`open_partition` refuses anything else before reading more than the header, and a
+training set must be one preparation's partitions, each once (:func:`check_partition_set`).
 
 Statistics are stored per file so that ranks can sum them with one Allreduce
 instead of anyone reading the whole corpus.
@@ -35,15 +40,18 @@ import os
 import queue
 import re
 import threading
+import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 
+from . import storage
 from .faults import InputError
 
 FORMAT_NAME = "ngsgd_mpi.partition"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: + dataset_id (version 1 files are read, but not trained on)
 
 
 class DataError(InputError):
@@ -66,17 +74,19 @@ class PartitionWriter:
 
     def __init__(self, path, feat_dim: int, num_classes: int, partition_index: int = 0,
                  num_partitions: int = 1, role: str = "train", dtype=np.float16,
-                 chunk_rows: int = 4096):
+                 chunk_rows: int = 4096, dataset_id: str | None = None):
         if role not in ("train", "valid"):
             raise ValueError(f"role must be 'train' or 'valid', got {role!r}")
         self.path = os.fspath(path)
+        # the preparation's id: every partition of one set carries the same one (pass it)
+        self.dataset_id = dataset_id or new_dataset_id()
         self.feat_dim, self.num_classes = int(feat_dim), int(num_classes)
         self._tmp = f"{self.path}.tmp{os.getpid()}"
         self._file = h5py.File(self._tmp, "w")
         f = self._file
         f.attrs.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, feat_dim=self.feat_dim,
                        num_classes=self.num_classes, partition_index=int(partition_index),
-                       num_partitions=int(num_partitions), role=role)
+                       num_partitions=int(num_partitions), role=role, dataset_id=self.dataset_id)
         self._feats = f.create_dataset("feats", (0, self.feat_dim), dtype=dtype,
                                        maxshape=(None, self.feat_dim),
                                        chunks=(chunk_rows, self.feat_dim))
@@ -151,6 +161,11 @@ class PartitionWriter:
             self.abort()
 
 
+def new_dataset_id() -> str:
+    """A fresh id for one preparation (all its partitions share it)."""
+    return uuid.uuid4().hex
+
+
 def write_partition(path, utterances, feat_dim, num_classes, **kwargs) -> None:
     """Write ``utterances`` (iterable of (utt_id, feats, labels)) as one partition file."""
     with PartitionWriter(path, feat_dim, num_classes, **kwargs) as writer:
@@ -173,12 +188,28 @@ class PartitionInfo:
     feat_sumsq: np.ndarray
     partition_index: int
     num_partitions: int
+    role: str = "train"
+    dataset_id: str | None = None      # None: written before format_version 2
+
+
+# name: (allowed dtype kinds, description) -- shapes are checked against the attributes
+_DATASETS = {"feats": ("f", "float16/float32 frames"), "labels": ("iu", "integer class ids"),
+             "utt_offsets": ("iu", "integer frame offsets"), "utt_ids": ("OSU", "utf-8 strings"),
+             "class_counts": ("iu", "integer counts"), "feat_sum": ("f", "floats"),
+             "feat_sumsq": ("f", "floats")}
+_INT_ATTRS = ("feat_dim", "num_classes", "num_frames", "num_utts", "partition_index", "num_partitions")
+SCAN_BYTES = 1 << 24        # at most this much of a file is in memory at once during the scan
 
 
 def open_partition(path, feat_dim: int | None = None, num_classes: int | None = None,
                    scan: bool = True) -> PartitionInfo:
-    """Read and check a partition's metadata; with ``scan`` also check every
-    label and frame (streamed in chunks).  Raises DataError naming the file."""
+    """Read and check a partition's metadata; with ``scan`` also check every label and
+    frame (streamed in blocks of SCAN_BYTES).  Raises DataError naming the file.
+
+    Cheap checks come first and nothing large is read before the file is known to store
+    what it declares (``storage.check_self_contained``: no links out of the file, no
+    external or virtual storage, every declared byte present), so the time and memory of
+    the check are bounded by the file's real size, whatever its header claims."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(f"{path}: partition file does not exist")
@@ -186,68 +217,159 @@ def open_partition(path, feat_dim: int | None = None, num_classes: int | None = 
         f = h5py.File(path, "r")
     except OSError as exc:
         raise DataError(f"{path}: not a readable HDF5 file ({exc})") from None
-    with f:
-        if f.attrs.get("format") != FORMAT_NAME:
-            raise DataError(f"{path}: attribute 'format' must be {FORMAT_NAME!r}, "
-                            f"got {f.attrs.get('format')!r}")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DataError(f"{path}: format_version {version} is not supported "
-                            f"(this ngsgd_mpi reads version {FORMAT_VERSION})")
-        for name in ("feats", "labels", "utt_offsets", "class_counts", "feat_sum", "feat_sumsq"):
-            if name not in f:
-                raise DataError(f"{path}: dataset '{name}' is missing")
-        info = PartitionInfo(
-            path=path, feat_dim=int(f.attrs["feat_dim"]), num_classes=int(f.attrs["num_classes"]),
-            num_frames=int(f["feats"].shape[0]), utt_offsets=f["utt_offsets"][()].astype(np.int64),
-            class_counts=f["class_counts"][()].astype(np.int64),
-            feat_sum=f["feat_sum"][()].astype(np.float64),
-            feat_sumsq=f["feat_sumsq"][()].astype(np.float64),
-            partition_index=int(f.attrs.get("partition_index", 0)),
-            num_partitions=int(f.attrs.get("num_partitions", 1)))
-        _check_shapes(f, info)
-        if feat_dim is not None and info.feat_dim != feat_dim:
-            raise DataError(f"{path}: feat_dim is {info.feat_dim}, expected {feat_dim}")
-        if num_classes is not None and info.num_classes != num_classes:
-            raise DataError(f"{path}: num_classes is {info.num_classes}, expected {num_classes}")
-        if scan:
-            _scan_values(f, info)
+    try:
+        with f:
+            info = _checked_metadata(f, path)
+            if feat_dim is not None and info.feat_dim != feat_dim:
+                raise DataError(f"{path}: feat_dim is {info.feat_dim}, expected {feat_dim}")
+            if num_classes is not None and info.num_classes != num_classes:
+                raise DataError(f"{path}: num_classes is {info.num_classes}, expected {num_classes}")
+            if scan:
+                _scan_values(f, info)
+    except (OSError, RuntimeError, KeyError, TypeError) as exc:     # h5py on a damaged file
+        raise DataError(f"{path}: unreadable partition file ({exc})") from None
     return info
 
 
-def _check_shapes(f, info: PartitionInfo) -> None:
-    p, o = info.path, info.utt_offsets
-    if f["feats"].ndim != 2 or f["feats"].shape[1] != info.feat_dim:
-        raise DataError(f"{p}: 'feats' must be (frames, {info.feat_dim}), got {f['feats'].shape}")
-    if f["labels"].shape != (info.num_frames,):
-        raise DataError(f"{p}: 'labels' must have shape ({info.num_frames},), got {f['labels'].shape}")
-    if o.ndim != 1 or len(o) < 2 or o[0] != 0 or o[-1] != info.num_frames or np.any(np.diff(o) <= 0):
-        raise DataError(f"{p}: 'utt_offsets' must rise strictly from 0 to num_frames={info.num_frames}")
-    if info.class_counts.shape != (info.num_classes,):
-        raise DataError(f"{p}: 'class_counts' must have shape ({info.num_classes},)")
-    if info.feat_sum.shape != (info.feat_dim,) or info.feat_sumsq.shape != (info.feat_dim,):
-        raise DataError(f"{p}: 'feat_sum'/'feat_sumsq' must have shape ({info.feat_dim},)")
+def _checked_metadata(f, path: str) -> PartitionInfo:
+    attrs = f.attrs
+    if _attr(attrs, "format", str, path) != FORMAT_NAME:
+        raise DataError(f"{path}: attribute 'format' must be {FORMAT_NAME!r}, got {attrs.get('format')!r}")
+    version = _attr(attrs, "format_version", int, path)
+    if version not in (1, FORMAT_VERSION):
+        raise DataError(f"{path}: format_version {version} is not supported "
+                        f"(this ngsgd_mpi reads versions 1 and {FORMAT_VERSION})")
+    n = {name: _attr(attrs, name, int, path) for name in _INT_ATTRS}
+    role = _attr(attrs, "role", str, path)
+    dataset_id = _attr(attrs, "dataset_id", str, path) if version >= 2 else None
+    if role not in ("train", "valid"):
+        raise DataError(f"{path}: attribute 'role' must be 'train' or 'valid', got {role!r}")
+    if n["feat_dim"] < 1 or n["num_classes"] < 2 or not 1 <= n["num_utts"] <= n["num_frames"]:
+        raise DataError(f"{path}: attributes must have feat_dim >= 1, num_classes >= 2 and "
+                        f"1 <= num_utts <= num_frames, got {n}")
+    if not 0 <= n["partition_index"] < n["num_partitions"]:
+        raise DataError(f"{path}: partition_index {n['partition_index']} must be in "
+                        f"[0, num_partitions={n['num_partitions']})")
+    datasets = storage.check_self_contained(f, path, DataError)
+    frames, dims, utts, classes = n["num_frames"], n["feat_dim"], n["num_utts"], n["num_classes"]
+    shapes = {"feats": (frames, dims), "labels": (frames,), "utt_offsets": (utts + 1,), "utt_ids": (utts,),
+              "class_counts": (classes,), "feat_sum": (dims,), "feat_sumsq": (dims,)}
+    for name, (kinds, what) in _DATASETS.items():
+        if name not in datasets:
+            raise DataError(f"{path}: dataset '{name}' is missing")
+        d = datasets[name]
+        if d.dtype.kind not in kinds or (name == "feats" and d.dtype.itemsize not in (2, 4)):
+            raise DataError(f"{path}: dataset '{name}' must hold {what}, got dtype {d.dtype}")
+        if d.shape != shapes[name]:
+            raise DataError(f"{path}: dataset '{name}' must have shape {shapes[name]} (from the file's "
+                            f"attributes), got {d.shape}")
+    # everything below is small and known to be stored in the file
+    info = PartitionInfo(path=path, feat_dim=dims, num_classes=classes, num_frames=frames,
+                         utt_offsets=f["utt_offsets"][()].astype(np.int64),
+                         class_counts=f["class_counts"][()].astype(np.int64),
+                         feat_sum=f["feat_sum"][()].astype(np.float64),
+                         feat_sumsq=f["feat_sumsq"][()].astype(np.float64),
+                         partition_index=n["partition_index"], num_partitions=n["num_partitions"],
+                         role=role, dataset_id=dataset_id)
+    o = info.utt_offsets
+    if o[0] != 0 or o[-1] != frames or np.any(np.diff(o) <= 0):
+        raise DataError(f"{path}: 'utt_offsets' must rise strictly from 0 to num_frames={frames}")
+    if np.any(info.class_counts < 0) or int(info.class_counts.sum()) != frames:
+        raise DataError(f"{path}: 'class_counts' must be non-negative and sum to num_frames={frames}")
+    if not (np.all(np.isfinite(info.feat_sum)) and np.all(np.isfinite(info.feat_sumsq))):
+        raise DataError(f"{path}: 'feat_sum'/'feat_sumsq' must be finite")
+    return info
 
 
-def _scan_values(f, info: PartitionInfo, block: int = 1 << 16) -> None:
+def _attr(attrs, name: str, kind: type, path: str):
+    """Attribute ``name`` as a Python int or str; DataError naming it when missing or mistyped."""
+    if name not in attrs:
+        raise DataError(f"{path}: attribute '{name}' is missing")
+    value = attrs[name]
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if kind is int and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if kind is str and isinstance(value, (str, bytes)):
+        try:
+            return value if isinstance(value, str) else value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    raise DataError(f"{path}: attribute '{name}' must be {'an integer' if kind is int else 'a string'}, "
+                    f"got {value!r}")
+
+
+def _scan_values(f, info: PartitionInfo) -> None:
     feats, labels = f["feats"], f["labels"]
+    block = max(1, SCAN_BYTES // (info.feat_dim * feats.dtype.itemsize))
     for start in range(0, info.num_frames, block):
         stop = min(start + block, info.num_frames)
-        lab = labels[start:stop]
-        bad = np.flatnonzero((lab < 0) | (lab >= info.num_classes))
-        if bad.size:
-            frame = start + bad[0]
-            raise DataError(f"{info.path}: label {lab[bad[0]]} at frame {frame} "
-                            f"(utterance #{_utt_of(info, frame)}) is outside [0, {info.num_classes})")
-        rows_ok = np.isfinite(feats[start:stop]).all(axis=1)
-        if not rows_ok.all():
-            frame = start + int(np.argmin(rows_ok))
-            raise DataError(f"{info.path}: feats contain NaN/Inf at frame {frame} "
-                            f"(utterance #{_utt_of(info, frame)})")
+        check_frames(info, start, feats[start:stop], labels[start:stop])
+
+
+def check_frames(info: PartitionInfo, start: int, feats: np.ndarray, labels: np.ndarray) -> None:
+    """DataError naming the file, frame and utterance of the first bad label or non-finite
+    frame among frames [start, start + len(labels)) of ``info``'s file."""
+    bad = np.flatnonzero((labels < 0) | (labels >= info.num_classes))
+    if bad.size:
+        frame = start + int(bad[0])
+        raise DataError(f"{info.path}: label {labels[bad[0]]} at frame {frame} "
+                        f"(utterance #{_utt_of(info, frame)}) is outside [0, {info.num_classes})")
+    rows_ok = np.isfinite(feats).all(axis=1)
+    if not rows_ok.all():
+        frame = start + int(np.argmin(rows_ok))
+        raise DataError(f"{info.path}: feats contain NaN/Inf at frame {frame} "
+                        f"(utterance #{_utt_of(info, frame)})")
 
 
 def _utt_of(info: PartitionInfo, frame: int) -> int:
     return int(np.searchsorted(info.utt_offsets, frame, side="right") - 1)
+
+
+class PartitionLabel(NamedTuple):
+    """What identifies a partition within its preparation (small: exchanged between ranks)."""
+    path: str
+    role: str
+    dataset_id: str | None
+    partition_index: int
+    num_partitions: int
+
+    @classmethod
+    def of(cls, info: PartitionInfo) -> "PartitionLabel":
+        return cls(info.path, info.role, info.dataset_id, info.partition_index, info.num_partitions)
+
+
+def check_partition_set(infos: list[PartitionLabel]) -> str | None:
+    """The training partitions of all ranks form one preparation's set: role 'train', one
+    dataset id, each partition index once.  DataError otherwise; a note (str) when only a
+    subset of the preparation's partitions is used."""
+    for info in infos:
+        if info.role != "train":
+            raise DataError(f"{info.path}: role is {info.role!r}, not training data (train_data must "
+                            f"name the train/ partitions, e.g. {os.path.join(os.path.dirname(info.path), 'train')})")
+        if info.dataset_id is None:
+            raise DataError(f"{info.path}: written by an older ngsgd-prepare (format_version 1, no "
+                            f"dataset_id); rewrite the set with: ngsgd-prepare repartition")
+    ids = {}
+    for info in infos:
+        ids.setdefault(info.dataset_id, []).append(info.path)
+    if len(ids) > 1:
+        raise DataError("train_data mixes partitions of different preparations: "
+                        + "; ".join(f"dataset {i[:12]}: {', '.join(paths[:3])}"
+                                    + (" ..." if len(paths) > 3 else "") for i, paths in ids.items()))
+    seen = {}
+    for info in infos:
+        if info.num_partitions != infos[0].num_partitions:
+            raise DataError(f"{info.path}: num_partitions {info.num_partitions} differs from "
+                            f"{infos[0].path} ({infos[0].num_partitions})")
+        if info.partition_index in seen:
+            raise DataError(f"{info.path} and {seen[info.partition_index]} are the same partition "
+                            f"(index {info.partition_index}): a copy or a link; use each partition once")
+        seen[info.partition_index] = info.path
+    if len(infos) < infos[0].num_partitions:
+        return (f"note: training on {len(infos)} of the {infos[0].num_partitions} partitions of "
+                f"dataset {infos[0].dataset_id[:12]}")
+    return None
 
 
 def mean_and_std(feat_sum, feat_sumsq, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -356,6 +478,7 @@ class MinibatchStream:
         lo, hi = window.first_frame, window.first_frame + window.num_frames
         feats = f["feats"][lo:hi].astype(np.float32)
         labels = f["labels"][lo:hi]
+        check_frames(info, lo, feats, labels)      # the file may have changed since the start-up scan
         o = info.utt_offsets
         u0, u1 = np.searchsorted(o, [lo, hi])
         lengths = np.diff(o[u0:u1 + 1])

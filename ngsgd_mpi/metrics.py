@@ -21,6 +21,7 @@ and ``message``, plus fields of its own.  :func:`read_metrics` is the one reader
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -90,7 +91,7 @@ class MetricsLog:
         if not self.speak or not os.path.exists(self.path):
             return
         with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["period"] <= period]
+            kept = [line for line in f if _period_of(line) <= period]
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
@@ -105,6 +106,16 @@ class MetricsLog:
 
     def event(self, period: int, event: str, message: str, **fields) -> None:
         self.record({"period": period, "event": event, "message": message, **fields})
+
+
+def _period_of(line: str) -> float:
+    """The period of a record line; infinity for a line that is not a record (a blank line, or
+    the torn last line of a run killed while appending), so that it is dropped."""
+    try:
+        period = json.loads(line).get("period")
+    except (ValueError, AttributeError):
+        return math.inf
+    return period if isinstance(period, (int, float)) and not isinstance(period, bool) else math.inf
 
 
 def progress_line(rec: dict) -> str:

@@ -41,6 +41,7 @@ class Option:
     required: bool = False         # must be given (no usable default)
     finite: bool = True            # floats: inf is not allowed
     saved: bool = True             # part of the stored train_config (False: how to run, not what)
+    fixed: bool = False            # shapes the saved state: --resume needs the checkpoint's value
 
     def convert(self, value, where: str):
         """``value`` (from YAML, the environment or the command line) as this option's type."""
@@ -115,46 +116,49 @@ OPTIONS_LIST: list[Option] = [
         Option("valid_data", str, None, "validation partition file; empty = no validation",
                kaldi="valid_diagnostic.egs"),
         Option("context", int, 4, "frames of context on each side (splicing -c..c)", minimum=0,
-               kaldi="--splice-width"),
+               kaldi="--splice-width", fixed=True),
         Option("window_frames", int, 100_000, "frames read and shuffled together (bounds memory per rank)",
                minimum=1, kaldi="nnet-shuffle-egs --buffer-size"),
         Option("prefetch_batches", int, 4, "minibatches prepared ahead by the loader thread", minimum=1),
         Option("input_normalization", bool, True,
                "fixed input transform to zero mean, unit variance from the data",
-               kaldi="the fixed input transform of get_lda.sh"),
+               kaldi="the fixed input transform of get_lda.sh", fixed=True),
     ),
     *_group(
         "run",
         Option("out_dir", str, "runs/default", "output directory: checkpoints, metrics.jsonl, final model",
-               kaldi="the exp directory"),
+               kaldi="the exp directory", required=True),
         Option("device", str, "cpu", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu"),
                kaldi="--use-gpu"),
-        Option("seed", int, 0, "seed for initialisation and shuffling", kaldi="--srand"),
+        Option("seed", int, 0, "seed for initialisation and shuffling", minimum=0, kaldi="--srand"),
         Option("threads_per_rank", int, 0, "BLAS threads per rank; 0 = this node's cores / ranks on the node",
                minimum=0, kaldi="--num-threads"),
         Option("resume", bool, False, "continue from the newest usable checkpoint in out_dir", saved=False),
+        Option("overwrite", bool, False, "start over in an out_dir that holds an earlier run (deletes it; "
+               "without this or --resume a non-empty out_dir is refused)", saved=False),
     ),
     *_group(
         "network",
         Option("num_hidden_layers", int, 3, "hidden layers (0: a softmax layer on the input)", minimum=0,
-               kaldi="--num-hidden-layers"),
-        Option("nonlinearity", str, "pnorm", "pnorm or relu", choices=("pnorm", "relu")),
+               kaldi="--num-hidden-layers", fixed=True),
+        Option("nonlinearity", str, "pnorm", "pnorm or relu", choices=("pnorm", "relu"), fixed=True),
         Option("pnorm_input_dim", int, 3000, "affine output size of each p-norm layer", minimum=1,
-               kaldi="--pnorm-input-dim"),
+               kaldi="--pnorm-input-dim", fixed=True),
         Option("pnorm_output_dim", int, 300, "p-norm output size (groups of input/output)", minimum=1,
-               kaldi="--pnorm-output-dim"),
-        Option("pnorm_p", float, 2.0, "p of the p-norm (>= 1, or inf)", minimum=1, finite=False, kaldi="--p"),
-        Option("relu_dim", int, 1024, "hidden size for nonlinearity: relu", minimum=1),
+               kaldi="--pnorm-output-dim", fixed=True),
+        Option("pnorm_p", float, 2.0, "p of the p-norm (>= 1, or inf)", minimum=1, finite=False, kaldi="--p", fixed=True),
+        Option("relu_dim", int, 1024, "hidden size for nonlinearity: relu", minimum=1, fixed=True),
     ),
     *_group(
         "optimizer",
         Option("optimizer", str, "ng-online", "sgd, ng-online or ng-simple",
                choices=("sgd", "ng-online", "ng-simple"),
-               kaldi="AffineComponent / AffineComponentPreconditionedOnline / AffineComponentPreconditioned"),
+               kaldi="AffineComponent / AffineComponentPreconditionedOnline / AffineComponentPreconditioned",
+               fixed=True),
         Option("rank_in", int, 20, "online NG: rank of the input-side Fisher factor", minimum=1,
-               kaldi="--rank-in"),
+               kaldi="--rank-in", fixed=True),
         Option("rank_out", int, 80, "online NG: rank of the output-side Fisher factor", minimum=1,
-               kaldi="--rank-out"),
+               kaldi="--rank-out", fixed=True),
         Option("update_period", int, 4, "online NG: re-estimate the Fisher factors every this many minibatches",
                minimum=1, kaldi="--update-period"),
         Option("num_samples_history", float, 2000.0, "online NG: forgetting time constant in samples",
@@ -163,7 +167,8 @@ OPTIONS_LIST: list[Option] = [
         Option("max_change_per_sample", float, 0.075, "online NG: per-sample max parameter change (0 = off)",
                minimum=0, kaldi="--max-change-per-sample"),
         Option("ng_schedule", str, "nnet2", "online NG update schedule: nnet2 (paper) or nnet3",
-               choices=("nnet2", "nnet3"), kaldi="nnet2 OnlinePreconditioner / nnet3 OnlineNaturalGradient"),
+               choices=("nnet2", "nnet3"), kaldi="nnet2 OnlinePreconditioner / nnet3 OnlineNaturalGradient",
+               fixed=True),
         Option("simple_alpha", float, 4.0, "simple NG: smoothing towards the identity", above=0,
                kaldi="AffineComponentPreconditioned alpha"),
         Option("max_change", float, 10.0, "simple NG: per-minibatch max parameter change (0 = off)",
@@ -203,10 +208,20 @@ OPTIONS_LIST: list[Option] = [
                kaldi="nnet3 get_successful_models difference_threshold"),
         Option("max_divergence_retries", int, 3, "redo a diverged period at half the lr at most this many "
                "times in a row, then abort", minimum=0),
+        Option("divergence_margin", float, 1.0, "after the first period, a period whose training objective "
+               "is worse than a uniform guess (-ln num_classes) by more than this many nats/frame has "
+               "diverged (finite divergence)", minimum=0),
+        Option("divergence_action", str, "warn", "what a finite divergence does: warn (an event in "
+               "metrics.jsonl and on the progress line), rollback (redo the period at half the learning "
+               "rate, like a non-finite one) or abort (exit 4)", choices=("warn", "rollback", "abort")),
         Option("signal_check_every", int, 4, "minibatches between checks for a stop signal "
                "(one tiny Allreduce)", minimum=1),
-        Option("collective_timeout", float, 600.0, "seconds to wait for every rank before an average; "
-               "then abort naming the missing ranks (0 = wait forever)", minimum=0),
+        Option("collective_timeout", float, 600.0, "seconds any collective may wait for every rank (hang "
+               "watchdog); then abort naming the missing ranks, exit 3 (0 = no watchdog: wait forever)",
+               minimum=0),
+        Option("stop_timeout", float, 120.0, "after SIGUSR1/SIGTERM, seconds a rank may wait for the others "
+               "in a collective or stay busy between two before the job is aborted (exit 3) instead of "
+               "checkpointing (0 = only collective_timeout)", minimum=0),
     ),
 ]
 
@@ -222,6 +237,8 @@ def _cross_checks(values: dict) -> list[tuple[str, str]]:
     problems = []
     if "pnorm_input_dim" in values and values["pnorm_input_dim"] % values["pnorm_output_dim"]:
         problems.append(("pnorm_input_dim", f"a multiple of pnorm_output_dim={values['pnorm_output_dim']}"))
+    if values.get("resume") and values.get("overwrite"):
+        problems.append(("overwrite", "false with resume (continue the run in out_dir, or delete it: not both)"))
     if "total_samples" in values and not (values["total_samples"] > 0 or values["num_epochs"] > 0):
         problems.append(("total_samples", "> 0, or num_epochs > 0 (the training length)"))
     return problems
@@ -332,6 +349,13 @@ def subset(cfg, record_cls, **leading):
     """The ``record_cls`` (e.g. OptimizerConfig) holding ``cfg``'s values of its fields."""
     names = [f.name for f in dataclasses.fields(record_cls)]
     return record_cls(**leading, **{n: getattr(cfg, n) for n in names if n not in leading})
+
+
+def fixed_differences(saved: dict, cfg) -> list[str]:
+    """``option: saved there, current here`` for every ``fixed`` option whose value in a
+    checkpoint's stored train_config differs from ``cfg`` (it cannot continue this run)."""
+    return [f"{o.name}: {saved[o.name]!r} there, {getattr(cfg, o.name)!r} here" for o in OPTIONS_LIST
+            if o.fixed and o.name in saved and saved[o.name] != getattr(cfg, o.name)]
 
 
 def saved_dict(cfg) -> dict:

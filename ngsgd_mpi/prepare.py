@@ -416,9 +416,9 @@ def _split_valid(utts: list[Utt], opts: PrepareOptions, log) -> tuple[list[Utt],
     return shuffled[num_valid:], shuffled[:num_valid]
 
 
-def _write_file(path, source, utts, feat_dim, num_classes, dtype, index, count, role) -> None:
+def _write_file(path, source, utts, feat_dim, num_classes, dtype, index, count, role, dataset_id) -> None:
     with data.PartitionWriter(path, feat_dim, num_classes, partition_index=index, num_partitions=count,
-                              role=role, dtype=dtype) as writer:
+                              role=role, dtype=dtype, dataset_id=dataset_id) as writer:
         for utt in utts:
             feats, labels = source.read(utt)
             writer.add(utt.utt_id, feats, labels)
@@ -506,18 +506,19 @@ def _scan_and_write(source, tmp, opts, valid_source, copy_valid, report, log) ->
     parts = balanced_split([u.num_frames for u in train], opts.num_partitions)
 
     os.makedirs(os.path.join(tmp, "train"))
-    train_paths = []
+    train_paths, dataset_id = [], data.new_dataset_id()     # one id for this preparation's files
     for k, members in enumerate(parts):
         path = os.path.join(tmp, "train", f"train.{k}.h5")
         _write_file(path, source, [train[i] for i in members], feat_dim, num_classes, dtype, k,
-                    opts.num_partitions, "train")
+                    opts.num_partitions, "train", dataset_id)
         train_paths.append(path)
     write_pipeline(os.path.join(tmp, "train"), source.pipeline)
     valid_path = os.path.join(tmp, "valid.h5")
     if copy_valid is not None:
         shutil.copyfile(copy_valid, valid_path)
     elif valid:
-        _write_file(valid_path, valid_source or source, valid, feat_dim, num_classes, dtype, 0, 1, "valid")
+        _write_file(valid_path, valid_source or source, valid, feat_dim, num_classes, dtype, 0, 1, "valid",
+                    dataset_id)
     valid_info = data.open_partition(valid_path, scan=False) if os.path.exists(valid_path) else None
     stats = _stats([data.open_partition(p, scan=False) for p in train_paths], valid_info, report,
                    source, opts, dtype, given_classes is None)

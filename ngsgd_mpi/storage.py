@@ -11,6 +11,13 @@ The SHA-256 covers every dataset (name, dtype, shape, bytes), the format and the
 editing any value that is read back is detected.  A file is written to a temporary name in
 the same directory, flushed, fsynced and renamed: a crash leaves the old file or the new
 one, never a torn one under the real name.
+
+Reading trusts nothing before it is checked (:func:`check_self_contained`, also used for
+training partitions by ``data.py``): every link must be a hard link inside the file (no
+external or soft links, which HDF5 would follow to other files), no dataset may keep its
+bytes elsewhere (external raw storage, virtual datasets), and every dataset must really
+store the bytes its shape declares (no compression, no unallocated chunks), so a crafted
+header cannot make a reader allocate or scan more than the file holds.
 """
 
 from __future__ import annotations
@@ -30,6 +37,55 @@ _LIST = "list"          # group attribute marking a list of records
 
 class StorageError(InputError):
     """A missing, torn, corrupt or foreign file (the message names it)."""
+
+
+MAX_OBJECTS = 10_000    # groups + datasets walked in one file (bounds the walk, breaks link cycles)
+
+
+def check_self_contained(f, path: str, error=StorageError) -> dict:
+    """{name: dataset} of every dataset in the open h5py file ``f``, after checking that the
+    file keeps everything inside itself (module docstring); ``error`` naming ``path`` otherwise.
+    Links are inspected before anything follows them."""
+    file_size = os.path.getsize(path)
+    datasets, stack, walked = {}, [("", f)], 0
+    while stack:
+        prefix, group = stack.pop()
+        for name in group:
+            full = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise error(f"{path}: {full} is an external link to {link.filename}:{link.path}; "
+                            f"the file must be self-contained")
+            if not isinstance(link, h5py.HardLink):
+                raise error(f"{path}: {full} is a {type(link).__name__}; only plain members are allowed")
+            walked += 1
+            if walked > MAX_OBJECTS:
+                raise error(f"{path}: more than {MAX_OBJECTS} objects (not a file this program wrote)")
+            obj = group[name]
+            if isinstance(obj, h5py.Group):
+                stack.append((full, obj))
+                continue
+            if not isinstance(obj, h5py.Dataset):
+                raise error(f"{path}: {full} is a {type(obj).__name__}, expected a dataset or group")
+            _check_stored(obj, full, path, file_size, error)
+            datasets[full.lstrip("/")] = obj
+    return datasets
+
+
+def _check_stored(dset, name: str, path: str, file_size: int, error) -> None:
+    plist = dset.id.get_create_plist()
+    if dset.is_virtual:
+        raise error(f"{path}: {name} is a virtual dataset (its data lives in other files)")
+    if plist.get_external_count():
+        raise error(f"{path}: {name} keeps its data in an external file "
+                    f"({plist.get_external(0)[0].decode(errors='replace')}); the file must be self-contained")
+    if plist.get_nfilters():
+        raise error(f"{path}: {name} is compressed or filtered; this program writes and reads plain datasets")
+    declared = dset.size * dset.dtype.itemsize
+    stored = dset.id.get_storage_size()
+    if stored < declared or declared > file_size:
+        raise error(f"{path}: {name} declares {dset.shape} x {dset.dtype} = {declared:,} bytes but the "
+                    f"file stores {stored:,} of them (file size {file_size:,}): truncated or crafted")
 
 
 def write(path: str, fmt: str, record: dict, meta: dict | None = None) -> None:
@@ -65,28 +121,41 @@ def read(path: str, fmt: str) -> tuple[dict, dict]:
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
+            _check_format(path, attrs, fmt)               # before reading anything large
+            datasets = check_self_contained(f, path)
             leaves, groups = {}, {}
 
             def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    value = obj[()]
-                    if h5py.check_string_dtype(obj.dtype) is not None:
-                        value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-                    leaves[name] = value
-                else:
+                if isinstance(obj, h5py.Group):
                     groups[name] = bool(obj.attrs.get(_LIST, False))
             f.visititems(visit)
-    except (OSError, KeyError, RuntimeError, ValueError) as exc:   # h5py's errors for torn files
+            for name, obj in datasets.items():
+                value = obj[()]
+                if h5py.check_string_dtype(obj.dtype) is not None:
+                    value = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                leaves[name] = value
+    except StorageError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:   # h5py's errors for torn files
         raise StorageError(f"{path}: unreadable or truncated HDF5 file ({exc})") from None
+    meta_json = attrs.get("meta")
+    if not isinstance(meta_json, str) or attrs.get("sha256") != _digest(fmt, meta_json, leaves):
+        raise StorageError(f"{path}: checksum mismatch (file is corrupt or was edited)")
+    meta = json.loads(meta_json)
+    if not isinstance(meta, dict):
+        raise StorageError(f"{path}: attribute 'meta' must be a JSON object")
+    try:
+        return _unflatten(leaves, groups), meta
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StorageError(f"{path}: malformed record layout ({exc})") from None
+
+
+def _check_format(path: str, attrs: dict, fmt: str) -> None:
     if attrs.get("format") != fmt:
         raise StorageError(f"{path}: attribute 'format' must be {fmt!r}, got {attrs.get('format')!r}")
     if _int(attrs.get("format_version")) != FORMAT_VERSION:
         raise StorageError(f"{path}: format_version {attrs.get('format_version')!r} is not supported "
                            f"(this ngsgd_mpi reads {FORMAT_VERSION})")
-    meta_json = attrs.get("meta")
-    if not isinstance(meta_json, str) or attrs.get("sha256") != _digest(fmt, meta_json, leaves):
-        raise StorageError(f"{path}: checksum mismatch (file is corrupt or was edited)")
-    return _unflatten(leaves, groups), json.loads(meta_json)
 
 
 def _int(value):

@@ -5,35 +5,40 @@ Each rank trains its own copy of the network on its own partitions for a *period
 one Allreduce of the flat buffer) and continue from the result.
 
 Faults (docs/reliability.md):
+* Bad input anywhere (config, out_dir, partitions, device, checkpoints) -> every rank finds
+  out together (``dist.agree``) before anything is written; one line, exit 2.
 * SIGUSR1/SIGTERM on any rank -> at the next check (every ``signal_check_every``
   minibatches; one tiny Allreduce) all ranks write a checkpoint of exactly where they are
   and exit with EXIT_STOPPED (75); the same command with ``--resume`` continues
   bit-identically.
 * A non-finite objective or parameters on any rank -> every rank restores the period's
   starting parameters and optimizer state and redoes the period at half the learning rate;
-  ``max_divergence_retries`` in a row -> exit EXIT_DIVERGED.
-* Before each average, every rank checks in with rank 0 within ``collective_timeout``
-  seconds, or the job is aborted naming the missing ranks.
+  ``max_divergence_retries`` in a row -> exit EXIT_DIVERGED.  A period (after the first)
+  whose training objective ends far worse than chance is a *finite* divergence:
+  ``divergence_action`` warns (default), rolls back the same way, or aborts.
+* Every collective is watched (``distributed.Watchdog``): a rank that does not arrive within
+  ``collective_timeout`` seconds gets the job aborted with EXIT_RANK_LOST, naming it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from . import averaging, backend, checkpoint, combine, config, data, evaluation, priors
-from .faults import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, DivergedError, InputError, \
+from .faults import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, AgreedInputError, DivergedError, InputError, \
     StopRequest, report_bad_input
 from .kaldi.pipeline import read_pipeline
 from .metrics import MetricsLog
 from .model import Model
 from .network import Network, NetworkConfig
 from .optim import OptimizerConfig, make_updater
-from .options import subset
+from .options import ConfigError, fixed_differences, subset
 from .schedule import Plan
 
 STOP, DIVERGED = 1, 2          # bits of the flag word the ranks agree on
@@ -72,29 +77,28 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
     before MPI starts, so a signal during setup is not lost)."""
     stop = stop or StopRequest()
     log = MetricsLog(cfg.out_dir, speak=dist.rank == 0)
-    threads = set_threads(cfg, dist)
-    backend.use_device(cfg.device)
-
-    # data, model, optimizer, schedule (bad input on any rank: all stop before writing anything)
-    infos, valid = dist.agree(lambda: open_data(cfg, dist))
-    dist.agree(lambda: check_same_sizes(dist, infos))
-    model, corpus_frames = initial_model(cfg, dist, infos)
-    network = model.network()
-    updater = make_updater(network, subset(cfg, OptimizerConfig))
-    plan = Plan.make(cfg, dist.size, corpus_frames)
-    prog = resume(cfg, dist, model, network, updater, log) if cfg.resume else Progress()
-    num_periods = plan.num_periods(prog.period, prog.samples)
-    announce(cfg, dist, log, threads, model, corpus_frames, plan, num_periods)
-
-    stream = data.MinibatchStream(infos, cfg.minibatch_size, cfg.context, cfg.context, cfg.seed,
-                                  dist.rank, cfg.window_frames, start=(prog.epoch, prog.frame))
-    batches = data.Prefetcher(iter(stream), depth=cfg.prefetch_batches)
-    start_time = time.perf_counter() - prog.elapsed
+    dist.start_watchdog(cfg.collective_timeout, cfg.stop_timeout, stop)    # every collective from here on
+    batches = stream = None
     try:
+        # inputs, model, optimizer, schedule (bad input on any rank: all stop, nothing written)
+        threads, infos, valid = check_inputs(cfg, dist, log)
+        model, corpus_frames = dist.agree(lambda: initial_model(cfg, dist, infos))
+        network = model.network()
+        updater = make_updater(network, subset(cfg, OptimizerConfig))
+        plan = Plan.make(cfg, dist.size, corpus_frames)
+        dist.agree(lambda: dist.rank or checkpoint.claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite,
+                                                                 log.info), "the claim of out_dir")
+        prog = resume(cfg, dist, model, network, updater, log) if cfg.resume else Progress()
+        num_periods = plan.num_periods(prog.period, prog.samples)
+        announce(cfg, dist, log, threads, model, corpus_frames, plan, num_periods)
+        stream = data.MinibatchStream(infos, cfg.minibatch_size, cfg.context, cfg.context, cfg.seed,
+                                      dist.rank, cfg.window_frames, start=(prog.epoch, prog.frame))
+        batches = data.Prefetcher(iter(stream), depth=cfg.prefetch_batches)
+        start_time = time.perf_counter() - prog.elapsed
         while prog.period < num_periods:
             snapshot = (backend.to_host(network.params).copy(), updater.state_dict())
             lr = plan.learning_rate(prog.samples) * prog.lr_factor
-            t_period, flags = time.perf_counter(), 0
+            t_period, first_batch, flags = time.perf_counter(), prog.batch, 0
             while prog.batch < plan.batches_per_period:
                 # forward backward update
                 t0 = time.perf_counter()
@@ -109,26 +113,26 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
                 if last or prog.batch % cfg.signal_check_every == 0:
                     if last and not params_finite(network):
                         flags |= DIVERGED
-                    flags = dist.any_flags(flags | (STOP if stop.requested else 0))
+                    flags = dist.any_flags(flags | (STOP if stop.requested else 0),
+                                           f"the stop/divergence agreement in period {prog.period + 1}")
                     if flags:
                         break
             if flags & DIVERGED:
-                roll_back(cfg, network, updater, snapshot, prog, log)
+                roll_back(cfg, network, updater, snapshot, prog, log, "non-finite objective or parameters")
                 continue
             if flags & STOP and prog.batch < plan.batches_per_period:
                 save(cfg, dist, model, network, updater, prog, start_time, scheduled=False)
                 return stopped(log, f"in period {prog.period + 1} after minibatch {prog.batch}")
 
-            # average
-            rec = finish_period(cfg, dist, network, updater, prog, valid, plan)
+            # average (or redo a period that ended far worse than chance: divergence_action)
+            rec, diverged = finish_period(cfg, dist, model, network, updater, prog, valid, plan, log)
+            if diverged:
+                roll_back(cfg, network, updater, snapshot, prog, log, diverged)
+                continue
             prog.end_period(plan.samples_per_period)
 
             # timing and logging
-            now = time.perf_counter()
-            log.record({**rec, "period": prog.period, "num_periods": num_periods, "samples": prog.samples,
-                        "lr": lr, "lr_per_rank": lr * plan.lr_scale, "elapsed": now - start_time,
-                        "eta": (now - start_time) / prog.period * (num_periods - prog.period),
-                        "frames_per_sec": plan.samples_per_period / (now - t_period)})
+            log.record(period_record(rec, prog, plan, dist, lr, num_periods, start_time, t_period, first_batch))
 
             # checkpoint and termination
             scheduled = prog.period % cfg.checkpoint_every == 0 or prog.period == num_periods
@@ -137,16 +141,36 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
             if flags & STOP and prog.period < num_periods:
                 return stopped(log, f"after period {prog.period}")
     except DivergedError as exc:
-        log.info(f"ngsgd-train: error: {exc}")
+        if dist.rank == 0:
+            sys.stderr.write(f"ngsgd-train: error: {exc}\n")
         return EXIT_DIVERGED
     finally:
-        stop.restore()
-        batches.close()
-        stream.close()
+        shut_down(cfg, dist, stop, batches, stream)
 
     if dist.rank == 0:
         finish_training(cfg, model, network, valid, log, prog.period)
     return EXIT_OK
+
+
+def period_record(rec, prog, plan, dist, lr, num_periods, start_time, t_period, first_batch) -> dict:
+    """The period's metrics record; frames/s counts only the minibatches this process ran
+    (a period resumed mid-way is not credited with the minibatches of the run before)."""
+    now = time.perf_counter()
+    return {**rec, "period": prog.period, "num_periods": num_periods, "samples": prog.samples,
+            "lr": lr, "lr_per_rank": lr * plan.lr_scale, "elapsed": now - start_time,
+            "eta": (now - start_time) / prog.period * (num_periods - prog.period),
+            "frames_per_sec": (plan.batches_per_period - first_batch) * plan.minibatch_size * dist.size
+            / (now - t_period)}
+
+
+def shut_down(cfg, dist, stop, *closables) -> None:
+    """Whatever way train() ends: signal handlers back, watchdog off, out_dir unlocked, files closed."""
+    stop.restore()
+    dist.stop_watchdog()
+    checkpoint.release_out_dir(cfg.out_dir)
+    for closable in closables:
+        if closable is not None:
+            closable.close()
 
 
 def train_step(network, updater, batch, lr, prog) -> int:
@@ -169,10 +193,13 @@ def stopped(log, where: str) -> int:
 
 
 def main_guarded(cfg, dist, stop: StopRequest | None = None) -> int:
-    """train() with bad input on any rank turned into one message (rank 0) and exit code 2."""
+    """train() with bad input turned into one message (rank 0) and exit code 2.  Bad input
+    that one rank found alone (mid-run) propagates: ``abort_on_exception`` ends the job."""
     try:
         return train(cfg, dist, stop)
     except InputError as exc:
+        if dist.size > 1 and not isinstance(exc, AgreedInputError):
+            raise
         return report_bad_input("ngsgd-train", exc, speak=dist.rank == 0)
 
 
@@ -196,6 +223,30 @@ def set_threads(cfg, dist) -> int:
     return threads
 
 
+def check_inputs(cfg, dist, log):
+    """Everything given, checked on every rank before anything is written (all ranks fail
+    together): the device, out_dir, this rank's partitions and (rank 0) the validation file,
+    then all ranks' partitions as one set.  Returns (BLAS threads per rank, infos, valid)."""
+    threads = set_threads(cfg, dist)
+    dist.agree(lambda: use_device(cfg.device))
+    dist.agree(lambda: dist.rank or checkpoint.check_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite))
+    infos, valid = dist.agree(lambda: open_data(cfg, dist))
+    dist.agree(lambda: check_same_sizes(dist, infos))
+    note = dist.agree(lambda: check_partition_set(dist, infos, valid))
+    if note:
+        log.info(note)
+    return threads, infos, valid
+
+
+def use_device(device: str) -> None:
+    """``backend.use_device``, with a missing or unusable GPU stack reported as bad input."""
+    try:
+        backend.use_device(device)
+    except Exception as exc:  # noqa: BLE001 - CuPy's own error types (driver, runtime, libraries)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"option device: {device} is not usable on this machine ({first})") from None
+
+
 def open_data(cfg, dist):
     """This rank's partitions and (rank 0) the validation file, opened and checked."""
     mine = data.partitions_for_rank(data.find_partitions(cfg.train_data), dist.rank, dist.size)
@@ -205,6 +256,10 @@ def open_data(cfg, dist):
         if (info.feat_dim, info.num_classes) != (first.feat_dim, first.num_classes):
             raise data.DataError(f"{info.path}: feat_dim/num_classes {info.feat_dim}/{info.num_classes} "
                                  f"differ from {first.path} ({first.feat_dim}/{first.num_classes})")
+    frames = sum(i.num_frames for i in infos)
+    if cfg.minibatch_size > frames:
+        raise ConfigError(f"option minibatch_size: {cfg.minibatch_size} is more than the {frames} frames of "
+                          f"rank {dist.rank}'s partitions")
     valid = (data.open_partition(cfg.valid_data, first.feat_dim, first.num_classes)
              if cfg.valid_data and dist.rank == 0 else None)
     return infos, valid
@@ -218,6 +273,18 @@ def check_same_sizes(dist, infos) -> None:
                              + ", ".join(f"rank {r}: {int(d[0])}/{int(d[1])}" for r, d in enumerate(dims)))
 
 
+def check_partition_set(dist, infos, valid) -> str | None:
+    """All ranks' training partitions are one preparation's, each once, and the validation
+    file is not one of them; returns a note when only some of the partitions are used."""
+    labels = [data.PartitionLabel(*label) for mine in dist.gather_objects(
+        [tuple(data.PartitionLabel.of(i)) for i in infos], "the exchange of partition ids") for label in mine]
+    note = data.check_partition_set(labels)
+    if valid is not None and data.PartitionLabel.of(valid)[1:] in {label[1:] for label in labels}:
+        raise data.DataError(f"option valid_data: {valid.path} is training partition {valid.partition_index} "
+                             f"itself; validation needs held-out data (the prepared valid.h5)")
+    return note
+
+
 def initial_model(cfg, dist, infos) -> tuple[Model, int]:
     """(the untrained Model every rank starts from, frames of the whole corpus).  The input
     normalisation and class counts come from the partitions' stored sums, summed over ranks."""
@@ -229,6 +296,12 @@ def initial_model(cfg, dist, infos) -> tuple[Model, int]:
     frames = int(totals["frames"])
     width = 2 * cfg.context + 1
     net_cfg = subset(cfg, NetworkConfig, input_dim=feat_dim * width, num_classes=num_classes)
+    # parameters, gradients, the period snapshot and the updater's copies: refuse rather than swap
+    need, have = 16 * net_cfg.num_params(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ConfigError(f"the network ({net_cfg.num_params():,} parameters for context {cfg.context}, "
+                          f"feat_dim {feat_dim}, {num_classes} classes) needs about {need / 2**30:.0f} GiB, "
+                          f"more than this machine's {have / 2**30:.0f} GiB")
     params = backend.to_host(Network(net_cfg, seed=cfg.seed).params)   # same seed: same start everywhere
     mean = std = None
     if cfg.input_normalization:
@@ -242,7 +315,6 @@ def initial_model(cfg, dist, infos) -> tuple[Model, int]:
 def announce(cfg, dist, log, threads, model, frames, plan, num_periods) -> None:
     if dist.rank != 0:
         return
-    os.makedirs(cfg.out_dir, exist_ok=True)
     log.info(f"ngsgd-train: {dist.size} rank(s), {threads} thread(s)/rank, device {cfg.device}, "
              f"MPI CUDA-aware: {dist.cuda_aware}\nresolved config:\n{config.format_resolved(cfg)}")
     majority = model.class_counts.max() / frames
@@ -259,7 +331,8 @@ def params_finite(network) -> bool:
     return bool(backend.to_host(xp.isfinite(network.params).all()))     # once per period
 
 
-def roll_back(cfg, network, updater, snapshot, prog, log) -> None:
+def roll_back(cfg, network, updater, snapshot, prog, log,
+              reason: str = "non-finite objective or parameters") -> None:
     """Every rank restores the period's start and redoes it at half the learning rate."""
     prog.retries += 1
     if prog.retries > cfg.max_divergence_retries:
@@ -269,16 +342,36 @@ def roll_back(cfg, network, updater, snapshot, prog, log) -> None:
     updater.load_state_dict(snapshot[1])
     prog.lr_factor *= 0.5
     prog.start_period()
-    log.event(prog.period + 1, "divergence", f"non-finite objective or parameters; restored the "
-              f"period's start, redoing it with learning rate x{prog.lr_factor:g}",
-              lr_factor=prog.lr_factor, retries=prog.retries)
+    log.event(prog.period + 1, "divergence", f"{reason}; restored the period's start, redoing it with "
+              f"learning rate x{prog.lr_factor:g}", lr_factor=prog.lr_factor, retries=prog.retries,
+              action="rollback")
 
 
-def finish_period(cfg, dist, network, updater, prog, valid, plan) -> dict:
-    """Combine the ranks' models, then the period's metrics."""
-    dist.checkin(cfg.collective_timeout, f"the average after period {prog.period + 1}")
+def finite_divergence(cfg, period: int, train_obj: float, num_classes: int) -> str | None:
+    """Why period ``period + 1`` diverged without a NaN: after the first period, a training
+    objective worse than a uniform guess (-ln C) by more than ``divergence_margin``."""
+    chance = -math.log(num_classes)
+    if period >= 1 and train_obj < chance - cfg.divergence_margin:
+        return (f"training objective {train_obj:.4f} nats/frame is worse than a uniform guess "
+                f"(-ln {num_classes} = {chance:.4f}) by more than divergence_margin {cfg.divergence_margin:g}")
+    return None
+
+
+def finish_period(cfg, dist, model, network, updater, prog, valid, plan, log):
+    """Combine the ranks' models, then the period's metrics: (record, None), or (None, why)
+    when the period diverged finitely and ``divergence_action`` is rollback."""
     frames = plan.frames_per_period
-    table = dist.gather([prog.obj / frames, prog.correct / frames, prog.t_wait, prog.t_compute])
+    table = dist.gather([prog.obj / frames, prog.correct / frames, prog.t_wait, prog.t_compute],
+                        f"the gather of the training objectives of period {prog.period + 1}")
+    diverged = finite_divergence(cfg, prog.period, float(table[:, 0].mean()), model.network_config.num_classes)
+    if diverged and cfg.divergence_action == "rollback":
+        return None, diverged
+    if diverged:
+        log.event(prog.period + 1, "divergence", f"{diverged} (divergence_action: {cfg.divergence_action})",
+                  action=cfg.divergence_action)
+        if cfg.divergence_action == "abort":
+            raise DivergedError(f"period {prog.period + 1}: {diverged}; divergence_action is abort "
+                                f"(lower lr_initial?)")
     t0 = time.perf_counter()
     outcome = averaging.combine_ranks(dist, network.params, table[:, 0],
                                       pick_best=prog.period == 0 and cfg.first_period_pick_best,
@@ -292,10 +385,12 @@ def finish_period(cfg, dist, network, updater, prog, valid, plan) -> dict:
            "rank_train_obj": [float(o) for o in table[:, 0]]}
     if outcome.note:
         rec["note"] = outcome.note
+    if diverged:
+        rec["diverged"] = True
     if valid is not None:
         result = evaluation.evaluate_partition(network, valid, cfg.context)
         rec["valid_obj"], rec["valid_acc"] = result.objective, result.accuracy
-    return rec
+    return rec, None
 
 
 def finish_training(cfg, model, network, valid, log, period) -> None:
@@ -333,44 +428,71 @@ def save(cfg, dist, model, network, updater, prog, start_time, scheduled: bool) 
 
 
 def resume(cfg, dist, model, network, updater, log) -> Progress:
-    """Progress restored from the newest usable checkpoint (a fresh one when there is none).
+    """Progress restored from the newest usable checkpoint (a fresh one when there is none:
+    then metrics.jsonl is emptied too, so the new run's records do not follow the old ones).
 
     Same number of ranks: everything is restored (bit-identical continuation).  Different
-    number: only averaged checkpoints qualify; the parameters are kept, per-rank state starts
-    fresh and the schedule continues from the samples processed."""
+    number: only averaged checkpoints qualify; the averaged parameters and the samples done
+    are kept, per-rank optimizer state and data order start fresh, and the schedule plans the
+    remaining samples with the new number of ranks (docs/reliability.md)."""
 
     def restore(ckpt: checkpoint.Checkpoint):
         saved = Model.load(ckpt.model_path)
         if saved.network_config != model.network_config:
-            raise checkpoint.CheckpointError(
+            raise checkpoint.MismatchError(
                 f"{ckpt.model_path}: architecture {saved.network_config.to_dict()} differs from the "
                 f"configured one {model.network_config.to_dict()}")
+        differences = fixed_differences(saved.train_config, cfg)
+        if differences:
+            raise checkpoint.MismatchError(
+                f"{ckpt.path} was written with other options ({'; '.join(differences)}): resume with "
+                f"the checkpoint's options, or start a new run in another out_dir")
+        samples = saved.info.get("samples")
+        if type(samples) is not int or samples < 0:
+            raise checkpoint.CheckpointError(f"{ckpt.model_path}: 'samples' must be a count, got {samples!r}")
         if ckpt.num_ranks != dist.size:
             if ckpt.batch:
-                raise checkpoint.CheckpointError(f"{ckpt.path}: a mid-period checkpoint of "
-                                                 f"{ckpt.num_ranks} ranks cannot seed {dist.size}")
+                raise checkpoint.RankCountError(f"{ckpt.path}: a mid-period checkpoint of "
+                                                f"{ckpt.num_ranks} ranks cannot seed {dist.size}")
             network.params[...] = backend.to_device(saved.params)
             updater.reset()
-            return (Progress(period=ckpt.period, samples=int(saved.info["samples"]), epoch=ckpt.period),
+            return (Progress(period=ckpt.period, samples=samples, epoch=ckpt.period),
                     f"resumed from {ckpt.path} written by {ckpt.num_ranks} ranks with {dist.size} ranks: "
-                    f"averaged parameters kept, per-rank optimizer state and data order re-initialised, "
-                    f"learning rate x{dist.size}")
+                    f"averaged parameters and {samples:,} samples done kept, per-rank optimizer state "
+                    f"and data order re-initialised, learning rate x{dist.size}")
         state = checkpoint.load_state(checkpoint.state_path(ckpt.path, dist.rank))
         try:
             updater.load_state_dict(state["optimizer"])
-            prog = Progress(**state["progress"])
-        except (KeyError, TypeError, ValueError) as exc:
+            prog = progress_from(state["progress"])
+            params = state["params"] if ckpt.batch else saved.params
+            if not isinstance(params, np.ndarray) or params.shape != network.params.shape:
+                raise ValueError(f"params of shape {getattr(params, 'shape', None)}")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise checkpoint.CheckpointError(f"{ckpt.path}: state of rank {dist.rank} does not fit "
                                              f"this run ({exc})") from None
-        network.params[...] = backend.to_device(state["params"] if ckpt.batch else saved.params)
+        network.params[...] = backend.to_device(params)
         return prog, (f"resumed from checkpoint after period {ckpt.period}"
                       + (f", minibatch {ckpt.batch}" if ckpt.batch else "")
                       + f" (data cursor epoch {prog.epoch}, frame {prog.frame})")
 
     found = checkpoint.resume(cfg.out_dir, dist, restore, log.info)
     if found is None:
+        log.keep_periods_up_to(0)
+        log.info(f"--resume: no usable checkpoint in {cfg.out_dir}; starting from the beginning")
         return Progress()
     prog, note = found
     log.keep_periods_up_to(prog.period)
     log.info(note)
     return prog
+
+
+def progress_from(record: dict) -> Progress:
+    """Progress from a state file's record, every field present and of its type."""
+    fields = Progress.__dataclass_fields__
+    if set(record) != set(fields):
+        raise ValueError(f"progress fields {sorted(record)}, expected {sorted(fields)}")
+    for name, value in record.items():
+        kind = type(getattr(Progress(), name))
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ValueError(f"progress field {name!r} must be {kind.__name__}, got {value!r}")
+    return Progress(**record)

@@ -54,6 +54,7 @@ def write_partitions(root: str, num_partitions: int, frames_per_partition: int,
     train = os.path.join(root, "train")
     os.makedirs(train, exist_ok=True)
     means = np.random.default_rng(1234).standard_normal((num_classes, FEAT_DIM)) * 1.5
+    dataset_id = data.new_dataset_id()             # one preparation: every partition shares it
     for k in range(num_partitions):
         path = os.path.join(train, f"train.{k}.h5")
         rng = np.random.default_rng([seed, k])
@@ -66,7 +67,7 @@ def write_partitions(root: str, num_partitions: int, frames_per_partition: int,
             frames += n
             u += 1
         data.write_partition(path, utterances, FEAT_DIM, num_classes, partition_index=k,
-                             num_partitions=num_partitions)
+                             num_partitions=num_partitions, dataset_id=dataset_id)
     return train
 
 

@@ -7,6 +7,11 @@ FAULT is one of
     nan:RANK:PERIOD[:TIMES]   objective becomes NaN on RANK in PERIOD (1-based), the first TIMES tries
     kill_in_write:PERIOD      SIGKILL this process half-way through writing checkpoint PERIOD's model
     hang:RANK:PERIOD          RANK sleeps forever before the average closing PERIOD
+    nan_data:RANK:LOAD        RANK's LOAD-th window read (1-based) comes back with a NaN in its first
+                              frame, as if its partition file had changed after the start-up scan
+    spin:RANK:PERIOD:DIR      RANK writes DIR/rank<r>.pid, then DIR/rank<r>.spinning during minibatch 2
+                              of PERIOD and multiplies matrices there forever (a rank stuck in BLAS;
+                              stop signals are received but never acted on)
     stop_at:RANK:PERIOD:BATCH RANK sends itself SIGUSR1 during minibatch BATCH of PERIOD (1-based)
     wait_at:RANK:PERIOD:DIR   RANK writes DIR/rank<r>.pid, then DIR/rank<r>.waiting during minibatch 2
                               of PERIOD and waits there until a stop signal arrives (or 120 s pass):
@@ -21,7 +26,9 @@ import signal
 import sys
 import time
 
-from ngsgd_mpi import cli, distributed, storage, trainer
+import numpy as np
+
+from ngsgd_mpi import cli, data, storage, trainer
 
 
 def main():
@@ -79,13 +86,60 @@ def main():
         storage.write = write
     elif kind == "hang":
         hang_rank, period = int(fault[1]), int(fault[2])
-        original = distributed.Dist.checkin
+        original = trainer.finish_period
 
-        def checkin(self, timeout, what):
-            if self.rank == hang_rank and f"after period {period}" in what:
+        def finish_period(cfg, dist, model, network, updater, prog, *rest):
+            if dist.rank == hang_rank and prog.period + 1 == period:
                 time.sleep(3600)
-            original(self, timeout, what)
-        distributed.Dist.checkin = checkin
+            return original(cfg, dist, model, network, updater, prog, *rest)
+        trainer.finish_period = finish_period
+    elif kind == "nan_data":
+        bad_rank, load = int(fault[1]), int(fault[2])
+        loads, original_init = [0], data.MinibatchStream.__init__
+
+        class Poisoned:
+            """An h5py file whose 'feats' reads are counted and the LOAD-th one poisoned."""
+
+            def __init__(self, file):
+                self.file = file
+
+            def __getitem__(self, name):
+                return PoisonedFeats(self.file[name]) if name == "feats" else self.file[name]
+
+            def close(self):
+                self.file.close()
+
+        class PoisonedFeats:
+            def __init__(self, dset):
+                self.dset = dset
+
+            def __getitem__(self, key):
+                rows = self.dset[key]
+                loads[0] += 1
+                if loads[0] == load:
+                    rows[0, 0] = np.nan
+                return rows
+
+        def init(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            if rank == bad_rank:
+                self._files = [Poisoned(f) for f in self._files]
+        data.MinibatchStream.__init__ = init
+    elif kind == "spin":
+        spin_rank, period, where = int(fault[1]), int(fault[2]), fault[3]
+        original = trainer.train_step
+        if rank == spin_rank:
+            with open(os.path.join(where, f"rank{rank}.pid"), "w") as f:
+                f.write(str(os.getpid()))
+
+        def train_step(network, updater, batch_, lr, prog):
+            if rank == spin_rank and prog.period + 1 == period and prog.batch + 1 == 2:
+                open(os.path.join(where, f"rank{rank}.spinning"), "w").close()
+                a = np.ones((400, 400), np.float32)
+                while True:
+                    a = (a @ a) * np.float32(1e-3)      # BLAS, GIL released, never returns
+            return original(network, updater, batch_, lr, prog)
+        trainer.train_step = train_step
     sys.exit(cli.train_main(args))
 
 

@@ -24,10 +24,11 @@ def write_dataset(root, num_partitions=2, utts_per_partition=30, valid_utts=20, 
     """root/train/train.K.h5 and root/valid.h5; returns (train_dir, valid_path)."""
     train = root / "train"
     train.mkdir(parents=True, exist_ok=True)
+    dataset_id = data.new_dataset_id()             # one preparation: every partition shares it
     for k in range(num_partitions):
         data.write_partition(train / f"train.{k}.h5", utterances(seed * 100 + k, utts_per_partition,
                              feat_dim, num_classes), feat_dim, num_classes, partition_index=k,
-                             num_partitions=num_partitions)
+                             num_partitions=num_partitions, dataset_id=dataset_id)
     valid = root / "valid.h5"
     data.write_partition(valid, utterances(seed * 100 + 99, valid_utts, feat_dim, num_classes),
                          feat_dim, num_classes, role="valid")

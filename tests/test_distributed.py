@@ -105,3 +105,38 @@ def test_single_rank_world():
     dist.average_(buf)
     np.testing.assert_array_equal(buf, [0, 1, 2])
     np.testing.assert_array_equal(dist.sum([1.0, 2.0]), [1.0, 2.0])
+
+
+def test_watchdog_describes_what_a_missing_rank_was_doing():
+    assert "no answer (stopped" in distributed._describe(None, 7)
+    assert "busy outside MPI for 2.5 s" in distributed._describe((6, 0, 2500), 7)
+    assert "called different collectives" in distributed._describe((5, 1, 10), 7)
+
+
+def test_watchdog_deadlines():
+    """Inside a collective: collective_timeout after entering; after a stop signal also
+    stop_timeout after the signal or the last change, inside a collective or not."""
+    dog = distributed.Watchdog.__new__(distributed.Watchdog)        # the logic, without a thread
+    dog.timeout, dog.stop_timeout, dog.stop_since = 10.0, 2.0, None
+    dog.state = (3, "the average", 100.0)
+    assert dog._overdue(109.0) is None
+    assert dog._overdue(110.5) == (3, "the average", "within collective_timeout 10 s")
+    dog.stop_since = 105.0
+    assert dog._overdue(107.5)[2] == "within stop_timeout 2 s of the stop signal"
+    dog.state = (3, None, 106.0)                                      # busy between collectives
+    assert dog._overdue(107.9) is None and dog._overdue(108.1)[1] is None
+    dog.stop_timeout = 0.0
+    assert dog._overdue(1000.0) is None                               # outside: only with a stop
+
+
+def test_bench_watchdog_runs_on_two_ranks():
+    import os
+    import sys
+
+    import synthetic
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_watchdog.py")
+    res = synthetic.run([synthetic.mpiexec(), "-n", "2", sys.executable, script, "--small", "--calls", "40",
+                         "--steps", "4", "--idle", "0.4"], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "flag Allreduce" in res.stdout and "per minibatch" in res.stdout
