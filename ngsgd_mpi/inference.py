@@ -336,7 +336,7 @@ def forward_main(argv=None) -> int:
 
     args = forward_parser().parse_args(argv)
     dist = distributed.init()
-    with distributed.abort_on_exception(dist):
+    with distributed.abort_on_exception(dist, prog="ngsgd-forward"):
         backend.use_device(args.device)
         try:
             summary = dist.agree(lambda: forward(

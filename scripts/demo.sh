@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[mpi]'
 [ -f demo_data/valid.h5 ] || .venv/bin/ngsgd-prepare demo --out demo_data --num-partitions 2
-exec .venv/bin/mpiexec -n 2 .venv/bin/ngsgd-train --config configs/quickstart.yaml "$@"
+# a rerun starts over (the earlier demo run is replaced) unless it is asked to --resume
+case " $* " in *" --resume"*) fresh=() ;; *) fresh=(--overwrite) ;; esac
+exec .venv/bin/mpiexec -n 2 .venv/bin/ngsgd-train --config configs/quickstart.yaml "${fresh[@]}" "$@"
