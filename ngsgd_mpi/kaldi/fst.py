@@ -192,29 +192,28 @@ def parse_fst(data: bytes, where: str) -> ArcFst:
 
 def _parse_vector(b: _Bytes, start: int, arc_type: str) -> ArcFst:
     arc_dtype, final_dtype = ARC_TYPES[arc_type]
-    head = struct.Struct("<" + "f" * (final_dtype.itemsize // 4) + "q")
+    hsize = final_dtype.itemsize + 8
+    count_at = struct.Struct("<q").unpack_from
     data, pos, end = b.data, b.pos, len(b.data)
-    finals, counts, arc_starts = [], [], []
-    while pos < end:                 # one pass over the state heads; arcs are gathered below
-        if pos + head.size > end:
-            raise FstError(f"{b.where}: truncated FST file (reading a state)")
-        *final, narcs = head.unpack_from(data, pos)
-        pos += head.size
-        if not 0 <= narcs <= (end - pos) // arc_dtype.itemsize:
-            raise FstError(f"{b.where}: truncated FST file (reading arcs)")
-        finals.append(final)
-        counts.append(narcs)
-        arc_starts.append(pos)
-        pos += narcs * arc_dtype.itemsize
-    counts = np.array(counts, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    heads = []
+    while pos + hsize <= end:        # a state is (final, int64 count, arcs): find where each one starts
+        heads.append(pos)
+        pos += hsize + count_at(data, pos + final_dtype.itemsize)[0] * arc_dtype.itemsize
+    if pos != end:
+        raise FstError(f"{b.where}: truncated FST file (reading a state)")
     raw = np.frombuffer(data, np.uint8)
-    byte_index = (np.repeat(np.array(arc_starts, np.int64) - offsets[:-1] * arc_dtype.itemsize, counts)
-                  + np.arange(offsets[-1]) * arc_dtype.itemsize)
+    heads = np.array(heads, np.int64)
+    head_dtype = np.dtype([("final", final_dtype), ("narcs", "<i8")])
+    head = raw[(heads[:, None] + np.arange(hsize)).ravel()].view(head_dtype) if len(heads) else np.zeros(0, head_dtype)
+    counts = head["narcs"].astype(np.int64)
+    if np.any(counts < 0):
+        raise FstError(f"{b.where}: negative arc count")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    first = heads + hsize - offsets[:-1] * arc_dtype.itemsize      # byte of arc k of state s: first[s] + k * size
+    byte_index = np.repeat(first, counts) + np.arange(offsets[-1]) * arc_dtype.itemsize
     arcs = raw[(byte_index[:, None] + np.arange(arc_dtype.itemsize)).ravel()].view(arc_dtype) \
         if len(byte_index) else np.zeros(0, arc_dtype)
-    final = np.array(finals, np.float32).reshape((len(counts),) + final_dtype.shape)
-    fst = ArcFst(int(start), final, offsets, arcs.copy(), arc_type)
+    fst = ArcFst(int(start), head["final"].astype(np.float32), offsets, arcs.copy(), arc_type)
     fst.check(b.where)
     return fst
 

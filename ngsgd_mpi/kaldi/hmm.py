@@ -157,7 +157,9 @@ def add_self_loops(fst: ArcFst, trans_model: TransitionModel, disambig_tids=(),
     bad = np.unique(pairs[:, 0][np.r_[False, pairs[1:, 0] == pairs[:-1, 0]]])
     if len(bad):
         redirect = np.isin(dest, bad) & (arcs["ilabel"] != 0)
-        keys = np.unique(np.stack([dest[redirect], cls[redirect]], 1), axis=0)
+        pairs = np.stack([dest[redirect], cls[redirect]], 1)
+        _, first = np.unique(pairs, axis=0, return_index=True)
+        keys = pairs[np.sort(first)]                  # new states numbered in arc order, as Kaldi does
         new_ids = num_states + np.arange(len(keys))
         lookup = {tuple(k): int(n) for k, n in zip(keys.tolist(), new_ids)}
         arcs["nextstate"][redirect] = [lookup[(d, c)] for d, c in zip(dest[redirect].tolist(),

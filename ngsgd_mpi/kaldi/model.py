@@ -179,7 +179,8 @@ class ObjectReader:
             raise self.error(f"negative matrix size {rows} x {cols}")
         dtype = np.dtype("<f4" if kind == "FM" else "<f8")
         raw = self._take(rows * cols * dtype.itemsize, "matrix data")
-        return np.frombuffer(raw, dtype).astype(np.float64).reshape(rows, cols)
+        with np.errstate(invalid="ignore"):            # damaged data is caught by the callers' checks
+            return np.frombuffer(raw, dtype).astype(np.float64).reshape(rows, cols)
 
     def _bracketed(self, what: str) -> list[str]:
         if self._word(what) != "[":
@@ -587,8 +588,9 @@ class AmDiagGmm:
             if mi.shape != (n, dim) or iv.shape != (n, dim):
                 raise KaldiFormatError(f"{where}: pdf {i}: {n} weights but means {mi.shape}, "
                                        f"inverse variances {iv.shape} (dimension {dim})")
-            if np.any(w < 0) or np.any(iv <= 0) or not np.all(np.isfinite(iv)):
-                raise KaldiFormatError(f"{where}: pdf {i}: negative weight or non-positive inverse variance")
+            if not (np.all(w >= 0) and np.all(iv > 0) and np.all(np.isfinite(iv)) and np.all(np.isfinite(mi))):
+                raise KaldiFormatError(f"{where}: pdf {i}: negative weight, non-finite mean or "
+                                       "non-positive inverse variance")
             self.means_invvars[i, :n], self.inv_vars[i, :n] = mi, iv
             with np.errstate(divide="ignore"):          # a zero weight gives gconst -inf, as in Kaldi
                 self.gconsts[i, :n] = (np.log(w) - 0.5 * dim * math.log(2 * math.pi)
