@@ -44,7 +44,7 @@ import time
 import numpy as np
 
 from ngsgd_mpi import scoring
-from ngsgd_mpi.kaldi.fst import FstError, decoding_modules, read_fst, to_kaldifst
+from ngsgd_mpi.kaldi.fst import FstError, decoding_modules, from_kaldifst, read_fst, to_kaldifst
 from ngsgd_mpi.kaldi.model import KaldiFormatError, read_transition_model
 from ngsgd_mpi.prepare import PrepareError
 
@@ -128,53 +128,113 @@ def read_symbol_table(path: str) -> dict[int, str]:
 # --------------------------------------------------------------------------- decoding
 
 class Decoder:
-    """kaldi-decoder's LatticeSimpleDecoder on one graph, equations (D1), (D2)."""
+    """One graph, one of kaldi-decoder's searches, equations (D1), (D2).
 
-    def __init__(self, graph: Graph, acwt: float = 0.1, beam: float = 13.0, lattice_beam: float = 6.0):
+    ``lattice`` (LatticeSimpleDecoder, ``--beam``, ``--lattice-beam``): a raw
+    lattice per utterance, from which every (LMWT, WIP) gets its 1-best.
+    ``faster`` (FasterDecoder, ``--beam``, ``--max-active``): the 1-best path
+    only, i.e. the hypothesis at LMWT = 1 / acwt and WIP = 0; several times
+    faster, because it keeps at most max-active tokens where the lattice search
+    keeps every token within the beam.
+    """
+
+    def __init__(self, graph: Graph, acwt: float = 0.1, beam: float = 13.0, lattice_beam: float = 6.0,
+                 max_active: int = 7000, search: str = "lattice"):
         self.kaldifst, self.kaldi_decoder, _ = decoding_modules()
-        self.graph, self.acwt = graph, acwt
-        config = self.kaldi_decoder.LatticeSimpleDecoderConfig()
-        config.beam, config.lattice_beam = beam, lattice_beam
-        self._decoder = self.kaldi_decoder.LatticeSimpleDecoder(graph.fst, config)
+        self.graph, self.acwt, self.search = graph, acwt, search
+        kd = self.kaldi_decoder
+        if search == "lattice":
+            config = kd.LatticeSimpleDecoderConfig()
+            config.beam, config.lattice_beam = beam, lattice_beam
+            self._decoder = kd.LatticeSimpleDecoder(graph.fst, config)
+        elif search == "faster":
+            config = kd.FasterDecoderOptions()
+            config.beam, config.max_active = beam, max_active
+            self._decoder = kd.FasterDecoder(graph.fst, config)
+        else:
+            raise DecodeError(f"--decoder must be lattice or faster, got {search!r}")
 
-    def lattice(self, loglikes: np.ndarray):
-        """(raw lattice or None when nothing survived, whether a final state was reached)."""
+    def decode(self, loglikes: np.ndarray, lmwts, penalties):
+        """(the search's own 1-best as (word ids, graph cost, acoustic cost) or None when
+        nothing survived, {(LMWT, WIP): word ids}, whether a final state was reached)."""
         scores = (self.acwt * loglikes[:, self.graph.tid2pdf[1:]]).astype(np.float32)
         self._decoder.decode(self.kaldi_decoder.DecodableCtc(scores))
+        if self.search == "faster":
+            reached_final = bool(self._decoder.reached_final())
+            ok, path = self._decoder.get_best_path()
+            if not ok or path.num_states == 0:
+                return None, {}, reached_final
+            _, _, words, weight = self.kaldifst.get_linear_symbol_sequence(path)
+            best = ([w for w in words if w], float(weight.value1), float(weight.value2))
+            return best, {(lmwt, wip): best[0] for lmwt in lmwts for wip in penalties}, reached_final
         reached_final = bool(np.isfinite(self._decoder.final_relative_cost()))
         ok, lattice = self._decoder.get_raw_lattice()
         if not ok or lattice.num_states == 0:
-            return None, reached_final
-        return lattice, reached_final
-
-    def best_path(self, lattice) -> tuple[list[int], float, float]:
-        """(word ids, graph cost, acoustic cost) of the lattice's best path."""
-        kaldifst = self.kaldifst
-        _, _, words, weight = kaldifst.get_linear_symbol_sequence(kaldifst.shortest_path(lattice))
-        return [w for w in words if w], float(weight.value1), float(weight.value2)
-
-    def rescored(self, lattice, lmwts, penalties) -> dict[tuple[int, str], list[int]]:
-        """1-best word ids for every (LMWT, WIP), equation (D2)."""
-        kaldifst = self.kaldifst
-        out = {}
-        for wip in penalties:
-            penalised = _add_word_penalty(lattice, float(wip))
-            for lmwt in lmwts:
-                scaled = penalised.copy()
-                kaldifst.scale_lattice([[1.0, 0.0], [0.0, 1.0 / (self.acwt * lmwt)]], scaled)
-                out[(lmwt, wip)] = self.best_path(scaled)[0]
-        return out
+            return None, {}, reached_final
+        combos = [(lmwt, wip) for wip in penalties for lmwt in lmwts]
+        scales = np.array([1.0] + [1.0 / (self.acwt * lmwt) for lmwt, _ in combos])
+        wips = np.array([0.0] + [float(wip) for _, wip in combos])
+        results = lattice_best_paths(from_kaldifst(lattice), scales, wips)
+        return results[0], {combo: words for combo, (words, _, _) in zip(combos, results[1:])}, reached_final
 
 
-def _add_word_penalty(lattice, penalty: float):
-    """lattice-add-penalty: ``penalty`` more graph cost on every arc with a word."""
-    if penalty == 0:
-        return lattice
-    from ngsgd_mpi.kaldi.fst import from_kaldifst  # noqa: PLC0415
+def lattice_best_paths(lat, acoustic_scales: np.ndarray, penalties: np.ndarray) -> list:
+    """Best paths of an acyclic lattice under K weightings at once: path k minimises
+    sum(graph + penalties[k] * [word]) + acoustic_scales[k] * sum(acoustic).
 
-    arcs = from_kaldifst(lattice)
-    arcs.arcs["weight"][:, 0] += np.float32(penalty) * (arcs.arcs["olabel"] != 0)
-    return to_kaldifst(arcs)
+    Kahn's algorithm, one frontier at a time: a state whose incoming arcs are all
+    done has its final costs (K of them) and pushes them along its outgoing
+    arcs, vectorised over (arcs x K).  Back-pointers are read off at the end:
+    an arc is on a best path where cost[src] + w = cost[dst].
+    Returns [(word ids, graph cost, acoustic cost)] per weighting.
+    """
+    num_states, arcs, start = lat.num_states, lat.arcs, lat.start
+    src, dst = lat.sources().astype(np.int64), arcs["nextstate"].astype(np.int64)
+    graph = arcs["weight"][:, 0].astype(np.float64)
+    acoustic = arcs["weight"][:, 1].astype(np.float64)
+    weights = graph[:, None] + penalties[None] * (arcs["olabel"] != 0)[:, None] + acoustic[:, None] * acoustic_scales
+    k = len(acoustic_scales)
+    cells = dst[:, None] * k + np.arange(k)            # (arc, weighting) -> cell of cost
+    cost = np.full((num_states, k), np.inf)
+    cost[start] = 0.0
+    flat_cost = cost.reshape(-1)
+    remaining = np.bincount(dst, minlength=num_states)
+    counts = np.diff(lat.offsets)
+    frontier, done = np.array([start]), 0
+    if remaining[start]:
+        raise DecodeError("the decoder's lattice has an arc into its start state")
+    while len(frontier):
+        done += len(frontier)
+        n = counts[frontier]
+        out = np.repeat(lat.offsets[frontier] - np.cumsum(n) + n, n) + np.arange(n.sum())
+        np.minimum.at(flat_cost, cells[out].ravel(), (cost[src[out]] + weights[out]).ravel())
+        targets = dst[out]
+        np.subtract.at(remaining, targets, 1)
+        frontier = np.unique(targets[remaining[targets] == 0])
+    if done != num_states:
+        raise DecodeError("the decoder's lattice is cyclic or has unreachable states")
+    on_best = np.isclose(cost[src] + weights, cost[dst], rtol=0, atol=1e-9) & np.isfinite(cost[dst])
+    back = np.full((num_states, k), -1, np.int64)
+    rows, cols = np.nonzero(on_best)
+    back[dst[rows], cols] = rows
+    final = lat.final.astype(np.float64)
+    total = cost + final[:, :1] + final[:, 1:] * acoustic_scales
+    olabel = arcs["olabel"].tolist()
+    out_paths = []
+    for j, s in enumerate(np.argmin(total, axis=0).tolist()):
+        if not np.isfinite(total[s, j]):
+            out_paths.append(([], np.inf, np.inf))
+            continue
+        words, g, a = [], float(final[s, 0]), float(final[s, 1])
+        column = back[:, j]
+        while s != start:
+            arc = int(column[s])
+            if olabel[arc]:
+                words.append(olabel[arc])
+            g, a = g + graph[arc], a + acoustic[arc]
+            s = int(src[arc])
+        out_paths.append((words[::-1], g, a))
+    return out_paths
 
 
 # --------------------------------------------------------------------------- log-likelihood sources
@@ -256,14 +316,14 @@ def decode_share(decoder: Decoder, utterances, rank: int, size: int, lmwts, pena
                               f"model {decoder.graph.transition_model} has {decoder.graph.num_pdfs} pdfs")
         if not np.all(np.isfinite(loglikes)):
             raise DecodeError(f"utterance {utt!r}: log-likelihoods are not all finite")
-        record = {"utt": utt, "index": k * size + rank, "frames": len(loglikes)}
+        record = {"utt": utt, "index": k * size + rank, "frames": len(loglikes), "reached_final": False}
         start = time.perf_counter()
-        lattice, record["reached_final"] = decoder.lattice(loglikes) if len(loglikes) else (None, False)
-        if lattice is not None:
-            record["words"], graph_cost, acoustic_cost = decoder.best_path(lattice)
-            record["cost"] = [graph_cost, acoustic_cost]
-            record["hyps"] = {f"{lmwt} {wip}": w for (lmwt, wip), w in
-                              decoder.rescored(lattice, lmwts, penalties).items()}
+        if len(loglikes):
+            best, hyps, record["reached_final"] = decoder.decode(loglikes, lmwts, penalties)
+            if best is not None:
+                record["words"], graph_cost, acoustic_cost = best
+                record["cost"] = [graph_cost, acoustic_cost]
+                record["hyps"] = {f"{lmwt} {wip}": w for (lmwt, wip), w in hyps.items()}
         decode_seconds += time.perf_counter() - start
         frames += len(loglikes)
         records.append(record)
@@ -335,11 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="Kaldi data directory (feats.scp) to run --model on")
     source.add_argument("--loglikes", help="rspecifier of per-utterance pdf log-likelihood matrices")
+    p.add_argument("--decoder", choices=("lattice", "faster"), default="lattice",
+                   help="lattice: LatticeSimpleDecoder, 1-best for every LM weight and penalty; faster: "
+                   "FasterDecoder with --max-active, the 1-best at LM weight 1/acwt only")
     p.add_argument("--acwt", type=float, default=0.1, help="acoustic scale of the decoder")
     p.add_argument("--beam", type=float, default=13.0, help="decoding beam")
-    p.add_argument("--lattice-beam", type=float, default=6.0, help="lattice beam")
-    p.add_argument("--lmwt", default="7:17", help="LM weights MIN:MAX for the 1-best hypotheses")
-    p.add_argument("--word-ins-penalty", default="0.0,0.5,1.0", help="comma-separated word insertion penalties")
+    p.add_argument("--lattice-beam", type=float, default=6.0, help="lattice beam (--decoder lattice)")
+    p.add_argument("--max-active", type=int, default=7000, help="most active tokens per frame (--decoder faster)")
+    p.add_argument("--lmwt", default=None, help="LM weights MIN:MAX for the 1-best hypotheses (default 7:17)")
+    p.add_argument("--word-ins-penalty", default=None,
+                   help="comma-separated word insertion penalties (default 0.0,0.5,1.0)")
     p.add_argument("--ref", help="reference text (Kaldi 'text', or 'phone_text' for a phone graph)")
     p.add_argument("--prior-floor", type=float, default=1e-8, help="floor of the model's class priors")
     p.add_argument("--batch-frames", type=int, default=8192, help="frames per network forward pass")
@@ -348,17 +413,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def scoring_grid(args) -> tuple[list[int], list[str]]:
+    """The (LM weights, word insertion penalties) to write hypotheses for."""
+    if not args.acwt > 0:
+        raise DecodeError(f"--acwt must be > 0, got {args.acwt}")
+    if args.decoder == "faster":
+        if args.lmwt is not None or args.word_ins_penalty is not None:
+            raise DecodeError("--decoder faster gives the 1-best at LM weight 1/acwt only; "
+                              "--lmwt and --word-ins-penalty need --decoder lattice")
+        return [max(1, round(1.0 / args.acwt))], ["0.0"]
+    return parse_lmwt(args.lmwt or "7:17"), parse_penalties(args.word_ins_penalty or "0.0,0.5,1.0")
+
+
 def _rank_work(args, dist) -> tuple[Graph | None, str | None]:
     """Everything one rank does before the merge; returns (graph, error)."""
     try:
-        lmwts, penalties = parse_lmwt(args.lmwt), parse_penalties(args.word_ins_penalty)
-        if not args.acwt > 0 or not args.beam > 0 or not args.lattice_beam > 0:
-            raise DecodeError("--acwt, --beam and --lattice-beam must be > 0")
+        lmwts, penalties = scoring_grid(args)
+        if not args.beam > 0 or not args.lattice_beam > 0 or args.max_active < 1:
+            raise DecodeError("--beam and --lattice-beam must be > 0, --max-active >= 1")
         if args.data is not None and args.model is None:
             raise DecodeError("--data needs --model (or give --loglikes)")
         ref = scoring.read_text(args.ref) if args.ref else None
         graph = Graph(args.graph_dir, args.transition_model)
-        decoder = Decoder(graph, args.acwt, args.beam, args.lattice_beam)
+        decoder = Decoder(graph, args.acwt, args.beam, args.lattice_beam, args.max_active, args.decoder)
         if args.data is not None:
             from ngsgd_mpi import backend  # noqa: PLC0415
 
@@ -394,8 +471,7 @@ def main(argv=None) -> int:
                 status = EXIT_BAD_INPUT
             else:
                 try:
-                    summary = merge_parts(args.out, dist.size, graph, parse_lmwt(args.lmwt),
-                                          parse_penalties(args.word_ins_penalty), args.ref)
+                    summary = merge_parts(args.out, dist.size, graph, *scoring_grid(args), args.ref)
                     _report(summary, args, time.time() - start)
                 except scoring.ScoringError as exc:
                     sys.stderr.write(f"ngsgd-decode: error: {exc}\n")
