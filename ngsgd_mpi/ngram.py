@@ -27,7 +27,7 @@ import os
 import tempfile
 from collections import Counter, defaultdict
 
-from ngsgd_mpi.kaldi.fst import ArcFst, decoding_modules, parse_text_fst
+from ngsgd_mpi.kaldi.fst import ArcFst, decoding_modules, read_fst
 
 BOS, EOS = "<s>", "</s>"
 LOG10_ZERO = -99.0
@@ -181,12 +181,13 @@ def arpa_to_fst(arpa_path: str, words_txt: str) -> ArcFst:
     outside the table are skipped, as Kaldi's arpa2fst does."""
     read_arpa(arpa_path)
     kaldilm = decoding_modules()[2]
-    with tempfile.TemporaryFile(mode="w+b") as log:      # kaldilm logs to fd 2: keep it quiet
+    with tempfile.TemporaryDirectory(prefix="ngsgd-lm-") as tmp, tempfile.TemporaryFile(mode="w+b") as log:
+        g_path = os.path.join(tmp, "G.fst")
         saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
+        os.dup2(log.fileno(), 2)                         # kaldilm logs to fd 2: keep it quiet
         try:
-            text = kaldilm.arpa2fst(arpa_path, disambig_symbol="#0", read_symbol_table=words_txt)
+            kaldilm.arpa2fst(arpa_path, output_fst=g_path, disambig_symbol="#0", read_symbol_table=words_txt)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-    return parse_text_fst(text, f"G.fst from {arpa_path}")
+        return read_fst(g_path)         # the binary file: full float precision (the text has 6 digits)
