@@ -107,3 +107,20 @@ def test_gpu_selftest_checks_pass_with_numpy_standing_in_for_cupy(monkeypatch, c
     out = capsys.readouterr().out
     assert report.failures == 0, out
     assert out.count("[ok]") >= 20 and "FAIL" not in out
+
+
+def test_bench_decode_tiny(tmp_path):
+    import yesno
+
+    yesno.require()
+    kaldiio = pytest.importorskip("kaldiio")
+    pytest.importorskip("kaldi_decoder")
+    lls = dict(list(yesno.loglikes().items())[:2])
+    kaldiio.save_ark(str(tmp_path / "ll.ark"), lls, scp=str(tmp_path / "ll.scp"))
+    out = tmp_path / "decode.json"
+    stdout = run_script("bench_decode.py", "--graph", f"yesno={yesno.GRAPH}", "--loglikes", f"scp:{tmp_path}/ll.scp",
+                        "--utterances", "2", "--acwt", str(yesno.ACWT), "--reps", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["frames"] == sum(len(v) for v in lls.values())
+    assert {(r["graph"], r["search"]) for r in report["runs"]} == {("yesno", "lattice"), ("yesno", "faster")}
+    assert all(r["frames_per_s"] > 0 for r in report["runs"]) and "frames/s" in stdout
