@@ -17,13 +17,14 @@ read with ``--loglikes``) and the graph's transition model:
        g + WIP * [arc has a word] + a / (acwt * LMWT)
 
    The decoder's own 1-best (minimising g + a, what gmm-latgen-faster prints)
-   goes to ``log/decode.<job>.log`` with Kaldi's "Log-like per frame" line,
+   goes to ``log/decode.log`` with Kaldi's "Log-like per frame" line,
    -(g + a) / T.
 
 The hypotheses and, with ``--ref``, the error rates are written in Kaldi's
 ``scoring_kaldi`` layout (:mod:`ngsgd_mpi.scoring`).  Several ranks
 (``mpiexec -n N``) take utterances round-robin; each writes its results to
-``OUT/.part.<rank>.json`` and after a barrier rank 0 merges them in input order.
+``OUT/.part.<rank>.json``; once every rank is done (a collective sum of their
+error counts) rank 0 merges them in input order.
 
 The graph is ``GRAPH_DIR/HCLG.fst`` (OpenFst vector or Kaldi's const FST,
 :mod:`ngsgd_mpi.kaldi.fst`) with ``words.txt``; transition-ids are mapped to
@@ -311,7 +312,8 @@ def decode_share(decoder: Decoder, utterances, rank: int, size: int, lmwts, pena
         if ref is not None:
             scoring.check_references(ref, [utt], ref_path)
         loglikes = np.asarray(loglikes)
-        if loglikes.ndim != 2 or loglikes.dtype.kind != "f" or (len(loglikes) and loglikes.shape[1] != decoder.graph.num_pdfs):
+        num_pdfs = decoder.graph.num_pdfs
+        if loglikes.ndim != 2 or loglikes.dtype.kind != "f" or (len(loglikes) and loglikes.shape[1] != num_pdfs):
             raise DecodeError(f"utterance {utt!r}: log-likelihoods of shape {loglikes.shape}, the transition "
                               f"model {decoder.graph.transition_model} has {decoder.graph.num_pdfs} pdfs")
         if not np.all(np.isfinite(loglikes)):

@@ -308,9 +308,9 @@ def _write_table(path: str, symbols) -> None:
         f.writelines(f"{s} {i}\n" for i, s in enumerate(symbols))
 
 
-def _read_text(path: str, skip_ids: bool = True) -> list[list[str]]:
+def _read_text(path: str) -> list[list[str]]:
     """Token lists of a Kaldi ``text``-style file (utterance id dropped)."""
-    return [fields[1:] if skip_ids else fields for fields in _read_lines(path)]
+    return [fields[1:] for fields in _read_lines(path)]
 
 
 def make_graph(corpus: str, out_dir: str, kind: str = "word", lm: str | None = None, lm_order: int | None = None,
@@ -322,7 +322,8 @@ def make_graph(corpus: str, out_dir: str, kind: str = "word", lm: str | None = N
         raise MkgraphError(f"--sil-prob must be in (0, 1), got {sil_prob}")
     if not self_loop_scale > 0:
         raise MkgraphError(f"--self-loop-scale must be > 0, got {self_loop_scale}")
-    lm_order = lm_order or (3 if kind == "word" else 2)
+    if lm_order is None:
+        lm_order = 3 if kind == "word" else 2
     if lm_order < 1:
         raise MkgraphError(f"--lm-order must be >= 1, got {lm_order}")
     start = time.time()
