@@ -101,3 +101,20 @@ def test_gpu_selftest_runs_end_to_end_on_the_standin(tmp_path):
     averaging = report["figures"]["allreduce"]
     assert averaging["ranks"] == 2 and averaging["staged"]["correct"]
     assert {"ng-online/sgd", "ng-simple/sgd"} <= set(report["figures"]["ratios_tiny"])
+
+
+def test_bench_decode_tiny(tmp_path):
+    import yesno
+
+    yesno.require()
+    kaldiio = pytest.importorskip("kaldiio")
+    pytest.importorskip("kaldi_decoder")
+    lls = dict(list(yesno.loglikes().items())[:2])
+    kaldiio.save_ark(str(tmp_path / "ll.ark"), lls, scp=str(tmp_path / "ll.scp"))
+    out = tmp_path / "decode.json"
+    stdout = run_script("bench_decode.py", "--graph", f"yesno={yesno.GRAPH}", "--loglikes", f"scp:{tmp_path}/ll.scp",
+                        "--utterances", "2", "--acwt", str(yesno.ACWT), "--reps", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["frames"] == sum(len(v) for v in lls.values())
+    assert {(r["graph"], r["search"]) for r in report["runs"]} == {("yesno", "lattice"), ("yesno", "faster")}
+    assert all(r["frames_per_s"] > 0 for r in report["runs"]) and "frames/s" in stdout

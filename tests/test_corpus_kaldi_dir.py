@@ -64,3 +64,17 @@ def test_bad_input_is_rejected_with_a_clear_error(tmp_path):
         writer.close(["a"])
     with pytest.raises(ValueError, match="data_dir"):
         KaldiDataDirWriter(str(tmp_path / "c,d"))
+
+
+def test_phone_text(tmp_path):
+    writer = KaldiDataDirWriter(str(tmp_path / "d"))
+    writer.add_features("s1-0", "s1", "HI", np.zeros((3, 40)))
+    writer.add_features("s1-1", "s1", "", np.zeros((2, 40)))
+    writer.add_phone_text("s1-0", ["HH", "AY"])
+    writer.add_phone_text("s1-1", [])
+    with pytest.raises(ValueError, match="no features"):
+        writer.add_phone_text("s1-9", ["AY"])
+    for utt in ("s1-0", "s1-1"):
+        writer.add_alignment(utt, np.zeros(writer.num_frames[utt], np.int32))
+    writer.close(["sil"])
+    assert (tmp_path / "d" / "phone_text").read_text() == "s1-0 HH AY\ns1-1\n"

@@ -146,3 +146,40 @@ def test_bad_options_are_rejected(tmp_path, capsys):
         make_corpus.CorpusConfig(accents=("en-au",)).validate()
     with pytest.raises(SystemExit):
         make_corpus.main([str(tmp_path / "x"), "--noise", "loud"])
+
+
+def test_lang_dir_and_phone_text(corpus):
+    info = json.loads((corpus / "corpus_info.json").read_text())
+    assert info["lexicon"]["words"] > 30 and info["lexicon"]["train_words_without_pronunciation"] == 0
+    lexicon = {row[0] for row in _read_table(corpus / "lang" / "lexiconp.txt")}
+    assert {w for row in _read_table(corpus / "train" / "text") for w in row[1:]} == lexicon
+    # phone_text is the alignment's phone sequence without silence (segments, so repeats stay apart)
+    ali = {row[0]: [int(x) for x in row[1:]] for row in _read_table(corpus / "train" / "ali.txt")}
+    phone_text = {row[0]: row[1:] for row in _read_table(corpus / "train" / "phone_text")}
+    assert list(phone_text) == list(ali)
+
+    def collapse(seq):
+        return [p for i, p in enumerate(seq) if i == 0 or p != seq[i - 1]]
+    for utt, labels in ali.items():
+        assert collapse([PHONES[c] for c in collapse(labels) if c]) == collapse(phone_text[utt])
+
+
+def test_corpus_to_graphs_to_wer_with_oracle_likelihoods(corpus, tmp_path):
+    """The recipe's lang/ gives word and phone graphs that turn the training
+    alignments (as one-hot log-likelihoods) back into the transcripts."""
+    pytest.importorskip("kaldi_decoder")
+    kaldiio = pytest.importorskip("kaldiio")
+    from ngsgd_mpi import decode, graph
+
+    loglikes = {}
+    for utt, labels in kaldiio.load_ark(str(corpus / "train" / "ali.ark")):
+        loglikes[utt] = np.full((len(labels), 40), -20.0, np.float32)
+        loglikes[utt][np.arange(len(labels)), labels] = 0.0
+    kaldiio.save_ark(str(tmp_path / "oracle.ark"), loglikes)
+    for kind, ref, limit in (("word", "text", 2.0), ("phone", "phone_text", 5.0)):
+        graph.make_graph(str(corpus), str(tmp_path / kind), kind, lm_order=2, log=lambda m: None)
+        assert decode.main(["--graph-dir", str(tmp_path / kind), "--loglikes", f"ark:{tmp_path}/oracle.ark",
+                            "--ref", str(corpus / "train" / ref), "--out", str(tmp_path / f"d{kind}"),
+                            "--decoder", "faster"]) == 0
+        best = (tmp_path / f"d{kind}" / "scoring_kaldi" / "best_wer").read_text().split()
+        assert float(best[1]) < limit, best

@@ -81,7 +81,7 @@ def _collect_phonemes(synthesizer, sample, speakers, paths):
         speaker = speakers[i % len(speakers)]
         accent = speaker.accent
         synthesizer.set_voice_file(paths[speaker.speaker_id])
-        _, events = synthesizer.synthesize(sentence)
+        _, events, _ = synthesizer.synthesize(sentence)
         table = phones.phone_table(accent)
         for _, mnemonic in events:
             seen.add(mnemonic)

@@ -10,6 +10,9 @@ library that this module relies on (espeak-ng 1.51, Debian 12):
   events (type 7).  Their ``sample`` field is the absolute index (counted from
   the start of the ``espeak_Synth`` call) of the first audio sample of that
   phoneme, and ``id.string`` holds its mnemonic (e.g. ``b"tS"``, ``b"aI"``).
+* WORD events (type 1) arrive before the PHONEME events of their word;
+  ``text_position`` is the 1-based character offset of the word in the input
+  text (the lexicon of the recipe is read off them, :mod:`.lexicon`).
 * ``espeakINITIALIZE_DONT_EXIT`` stops the library from calling ``exit()``
   when its data directory is missing.
 * ``espeak_SetVoiceByFile`` lower-cases the path it is given and keeps only
@@ -37,6 +40,7 @@ _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_PHONEME_EVENTS = 0x0001
 _INITIALIZE_DONT_EXIT = 0x8000
 _EVENT_LIST_TERMINATED = 0
+_EVENT_WORD = 1
 _EVENT_PHONEME = 7
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
@@ -44,6 +48,8 @@ _PARAM_RATE = 1      # words per minute, 80..450
 _PARAM_PITCH = 3     # 0..100, 50 = the voice's own pitch
 _PARAM_RANGE = 4     # 0..100, 50 = the voice's own pitch range
 _EE_OK = 0
+_PHONEMES_SPACE_SEPARATED = ord(" ") << 8   # phonememode: ascii names, this separator between them
+_STRESS_MARKS = "',%="
 
 
 class EspeakUnavailableError(RuntimeError):
@@ -107,6 +113,7 @@ class EspeakSynthesizer:
       data_dir:    the espeak-ng-data directory the library loaded (has ``lang/``).
       _chunks:     int16 audio chunks of the utterance being synthesised.
       _phonemes:   (sample index, mnemonic) of each PHONEME event so far.
+      _words:      (number of PHONEME events before it, text position) of each WORD event so far.
       _callback:   the ctypes callback object; kept referenced so it is not freed.
       _libc:       the C library, for srand().
     """
@@ -124,6 +131,8 @@ class EspeakSynthesizer:
         lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_Synchronize.argtypes = []
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         # Only the data path from the environment is honoured; None = the library's built-in path.
         data_path = os.environ.get("ESPEAK_DATA_PATH")
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 500,
@@ -142,6 +151,7 @@ class EspeakSynthesizer:
         self.data_dir = find_data_dir(path.value.decode() if path.value else None)
         self._chunks: list[np.ndarray] = []
         self._phonemes: list[tuple[int, str]] = []
+        self._words: list[tuple[int, int]] = []
         self._callback = _SynthCallback(self._on_audio)
         lib.espeak_SetSynthCallback(self._callback)
 
@@ -152,6 +162,8 @@ class EspeakSynthesizer:
         while events[i].type != _EVENT_LIST_TERMINATED:
             if events[i].type == _EVENT_PHONEME:
                 self._phonemes.append((int(events[i].sample), events[i].id.string.decode("ascii")))
+            elif events[i].type == _EVENT_WORD:
+                self._words.append((len(self._phonemes), int(events[i].text_position)))
             i += 1
         return 0  # 0 = keep synthesising
 
@@ -169,17 +181,18 @@ class EspeakSynthesizer:
             raise EspeakUnavailableError(f"espeak-ng has no voice named {name!r}; install espeak-ng-data")
 
     def synthesize(self, text: str, words_per_minute: int = 175, pitch: int = 50,
-                   pitch_range: int = 50, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, str]]]:
+                   pitch_range: int = 50, seed: int = 0):
         """Speak ``text`` with the current voice; ``seed`` seeds espeak's noise generator.
 
-        Returns (int16 samples at ``sample_rate``, [(start sample, espeak mnemonic), ...]).
+        Returns (int16 samples at ``sample_rate``, [(start sample, espeak mnemonic), ...],
+        [(index of the word's first phoneme event, 1-based text position), ...]).
         Pause phonemes (``_``, ``_:``, ...) are included; their meaning is left to the caller.
         """
         lib = self.lib
         lib.espeak_SetParameter(_PARAM_RATE, int(np.clip(words_per_minute, 80, 450)), 0)
         lib.espeak_SetParameter(_PARAM_PITCH, int(np.clip(pitch, 0, 100)), 0)
         lib.espeak_SetParameter(_PARAM_RANGE, int(np.clip(pitch_range, 0, 100)), 0)
-        self._chunks, self._phonemes = [], []
+        self._chunks, self._phonemes, self._words = [], [], []
         self._libc.srand(int(seed) & 0xFFFFFFFF)
         data = text.encode("utf-8")
         status = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
@@ -187,8 +200,24 @@ class EspeakSynthesizer:
         if status != _EE_OK:
             raise RuntimeError(f"espeak_Synth failed with status {status} for text {text!r}")
         audio = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
-        phonemes, self._chunks, self._phonemes = self._phonemes, [], []
-        return audio, phonemes
+        phonemes, words = self._phonemes, self._words
+        self._chunks, self._phonemes, self._words = [], [], []
+        return audio, phonemes, words
+
+    def text_to_phonemes(self, text: str) -> list[list[str]]:
+        """The phoneme mnemonics of ``text`` in the current voice, without speaking:
+        one list per phonological word (espeak_TextToPhonemes with a space between
+        phonemes and two between words), stress marks removed."""
+        buffer = ctypes.c_char_p(text.encode("utf-8"))
+        pointer = ctypes.cast(ctypes.pointer(buffer), ctypes.POINTER(ctypes.c_char_p))
+        words = []
+        while buffer.value:
+            out = self.lib.espeak_TextToPhonemes(pointer, _CHARS_UTF8, _PHONEMES_SPACE_SEPARATED)
+            for word in (out or b"").decode("ascii", "replace").split("  "):
+                mnemonics = [m.lstrip(_STRESS_MARKS) for m in word.split(" ")]
+                if any(mnemonics):
+                    words.append([m for m in mnemonics if m])
+        return words
 
 
 _DATA_DIR_CANDIDATES = (

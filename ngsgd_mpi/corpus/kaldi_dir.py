@@ -8,6 +8,8 @@ Files of one data directory (all sorted by utterance id, as Kaldi requires):
   frame -- the binary format ``ali-to-pdf`` writes (Kaldi BasicVectorHolder);
   ``ali.txt``: the same in text form (``utt-id c1 c2 ...``).
 * ``utt2spk``, ``spk2utt``, ``text``, ``utt2num_frames``; ``spk2gender`` when given.
+* ``phone_text``: ``utt-id PH PH ...``, the phones of the alignment without
+  silence (the reference for phone error rates), when given.
 * ``classes.txt``: ``<class-name> <index>``, the meaning of the ids in ali.ark.
 * ``phones.txt``: Kaldi-style phone symbol table (``<eps> 0``, ``sil 1``, ...).
 
@@ -59,6 +61,7 @@ class KaldiDataDirWriter:
       utt2spk:     utterance id -> speaker id, in the order added (sorted).
       texts:       utterance id -> transcript.
       num_frames:  utterance id -> feature frame count.
+      phone_texts: utterance id -> space-separated phones (written as ``phone_text``).
       aligned:     utterance ids whose alignment has been written.
       _feats, _ali, _ali_txt: open kaldiio writers / text file (ali ones opened on first use).
     """
@@ -76,6 +79,7 @@ class KaldiDataDirWriter:
         self.utt2spk: dict[str, str] = {}
         self.texts: dict[str, str] = {}
         self.num_frames: dict[str, int] = {}
+        self.phone_texts: dict[str, str] = {}
         self.aligned: set[str] = set()
         self._kaldiio = kaldiio
         self._feats = kaldiio.WriteHelper(
@@ -101,6 +105,11 @@ class KaldiDataDirWriter:
         self.utt2spk[utt_id] = speaker_id
         self.texts[utt_id] = " ".join(text.split())
         self.num_frames[utt_id] = int(feats.shape[0])
+
+    def add_phone_text(self, utt_id: str, phones) -> None:
+        if utt_id not in self.num_frames:
+            raise ValueError(f"utt_id {utt_id!r} has no features; add_features first")
+        self.phone_texts[utt_id] = " ".join(phones)
 
     def add_alignment(self, utt_id: str, labels: np.ndarray) -> None:
         if utt_id not in self.num_frames:
@@ -136,6 +145,9 @@ class KaldiDataDirWriter:
         write_lines("utt2spk", (f"{u} {s}" for u, s in self.utt2spk.items()))
         write_lines("text", (f"{u} {t}" for u, t in self.texts.items()))
         write_lines("utt2num_frames", (f"{u} {n}" for u, n in self.num_frames.items()))
+        if self.phone_texts:
+            write_lines("phone_text", (f"{u} {self.phone_texts[u]}".rstrip() for u in self.num_frames
+                                       if u in self.phone_texts))
         spk2utt: dict[str, list[str]] = {}
         for utt, spk in self.utt2spk.items():
             spk2utt.setdefault(spk, []).append(utt)

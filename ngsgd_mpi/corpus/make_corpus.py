@@ -11,8 +11,11 @@ Pipeline (docs/corpus.md has the full description):
    and apply the speaker's CMVN (:mod:`.features`);
 4. in the parent: stream features into ``OUT_DIR/{train,test}`` Kaldi data
    directories, choose the label inventory from the training alignments and
-   write ``ali.ark``/``ali.txt`` (:mod:`.kaldi_dir`); ``OUT_DIR/corpus_info.json``
-   records the settings, sizes, speakers and generation speed.
+   write ``ali.ark``/``ali.txt`` and ``phone_text`` (:mod:`.kaldi_dir`);
+5. ``OUT_DIR/lang``: the lexicon as espeak spoke the training sentences
+   (:mod:`.lexicon`), the topology and the context -> class map of the labels
+   (:mod:`.lang`), for ``ngsgd-mkgraph``; ``OUT_DIR/corpus_info.json`` records
+   the settings, sizes, speakers and generation speed.
 
 Every random choice of a speaker comes from ``default_rng([seed, speaker
 index])`` and every speaker is synthesised in a freshly forked process, so
@@ -40,7 +43,9 @@ from ngsgd_mpi.corpus import text as text_mod
 from ngsgd_mpi.corpus.espeak import EspeakUnavailableError, get_synthesizer
 from ngsgd_mpi.corpus.kaldi_dir import KaldiDataDirWriter
 from ngsgd_mpi.corpus.labels import LABEL_KINDS, frame_alignment, make_label_set, phone_segments
-from ngsgd_mpi.corpus.phones import ACCENTS, UnknownPhonemeError
+from ngsgd_mpi.corpus.lang import write_lang
+from ngsgd_mpi.corpus.lexicon import LexiconCounts, isolated_pronunciation, word_pronunciations
+from ngsgd_mpi.corpus.phones import ACCENTS, PHONES, SILENCE, UnknownPhonemeError
 from ngsgd_mpi.corpus.voices import Voice, make_voice_dir, random_voice, remove_voice_dir, write_voice_files
 
 BABBLE_BANK_SIZE = 8
@@ -153,8 +158,8 @@ def synthesize_speaker(task: SpeakerTask) -> dict:
     """All utterances of one speaker: CMVN'd features, run-length alignments, transcripts.
 
     Returns a dict with lists ``utt_ids``, ``texts``, ``feats``, ``seg_phones``,
-    ``seg_frames``, plus ``seconds`` (audio), ``cpu_seconds`` (this task),
-    ``unknown`` (Counter of unmapped espeak mnemonics) and ``skipped`` (utterances
+    ``seg_frames``, ``prons`` ([(WORD, phones or None), ...], see :mod:`.lexicon`),
+    plus ``seconds`` (audio), ``cpu_seconds`` (this task), ``unknown`` (Counter of unmapped espeak mnemonics) and ``skipped`` (utterances
     dropped for them).
     """
     # Imported by make_corpus() before forking; local so that --help needs no scipy.
@@ -170,7 +175,7 @@ def synthesize_speaker(task: SpeakerTask) -> dict:
     augment = Augmenter(preset)
     channel = design_channel(rng, preset)
     pool = _POOLS[task.split]
-    out = {"utt_ids": [], "texts": [], "feats": [], "seg_phones": [], "seg_frames": [],
+    out = {"utt_ids": [], "texts": [], "feats": [], "seg_phones": [], "seg_frames": [], "prons": [],
            "seconds": 0.0, "unknown": Counter(), "skipped": 0}
     babble_bank: list[np.ndarray] = []
     order = rng.permutation(len(pool))
@@ -183,7 +188,7 @@ def synthesize_speaker(task: SpeakerTask) -> dict:
             order = np.concatenate([order, rng.permutation(len(pool))])  # reuse sentences
         sentence = pool[order[attempts]]
         attempts += 1
-        audio, events = synthesizer.synthesize(
+        audio, events, words = synthesizer.synthesize(
             sentence, words_per_minute=int(voice.words_per_minute * rng.uniform(0.92, 1.08)),
             pitch=round(50 + 6 * rng.standard_normal()), pitch_range=voice.pitch_range,
             seed=int(rng.integers(2 ** 31)))
@@ -206,8 +211,12 @@ def synthesize_speaker(task: SpeakerTask) -> dict:
         out["feats"].append(feats)
         out["seg_phones"].append(seg_phones)
         out["seg_frames"].append(seg_frames)
+        out["prons"].append((sentence, events, words))
         out["seconds"] += len(noisy) / SAMPLE_RATE
     out["feats"] = apply_speaker_cmvn(out["feats"])
+    # Isolated pronunciations only after all synthesis, so the audio cannot depend on them.
+    isolated = isolated_pronunciation(synthesizer, voice.accent, {})
+    out["prons"] = [word_pronunciations(*spoken, voice.accent, isolated) for spoken in out["prons"]]
     out["cpu_seconds"] = time.process_time() - cpu_start
     return out
 
@@ -287,6 +296,7 @@ def make_corpus(out_dir: str, config: CorpusConfig, log=print) -> dict:
         alignments: dict[str, list] = {"train": [], "test": []}
         stats = {split: {"utterances": 0, "frames": 0, "seconds": 0.0} for split in pools}
         unknown: Counter = Counter()
+        lexicon = LexiconCounts()
         skipped = 0
         worker_cpu = 0.0
         pool = _worker_pool(config.jobs, pools)
@@ -294,12 +304,15 @@ def make_corpus(out_dir: str, config: CorpusConfig, log=print) -> dict:
         try:
             for task, result in zip(tasks, results):
                 writer = writers[task.split]
-                for utt_id, text, feats, seg_phones, seg_frames in zip(
+                for utt_id, text, feats, seg_phones, seg_frames, prons in zip(
                         result["utt_ids"], result["texts"], result["feats"],
-                        result["seg_phones"], result["seg_frames"]):
+                        result["seg_phones"], result["seg_frames"], result["prons"]):
                     writer.add_features(utt_id, task.voice.speaker_id, text, feats)
+                    writer.add_phone_text(utt_id, [PHONES[p] for p in seg_phones if p != SILENCE])
                     alignments[task.split].append((utt_id, seg_phones, seg_frames))
                     stats[task.split]["frames"] += len(feats)
+                    if task.split == "train":
+                        lexicon.add_utterance(prons)
                 stats[task.split]["utterances"] += len(result["utt_ids"])
                 stats[task.split]["seconds"] += result["seconds"]
                 unknown.update(result["unknown"])
@@ -331,6 +344,9 @@ def make_corpus(out_dir: str, config: CorpusConfig, log=print) -> dict:
                 f.writelines(f"{u} {os.path.join(writer.data_dir, 'wav', u + '.wav')}\n"
                              for u in writer.utt2spk)
 
+    lexicon_entries = lexicon.entries()
+    write_lang(os.path.join(out_dir, "lang"), label_set, lexicon_entries)
+
     wall = time.time() - wall_start
     cpu = _cpu_seconds() - cpu_start   # parent + joined workers, text loading and writing included
     audio_hours = sum(s["seconds"] for s in stats.values()) / 3600.0
@@ -348,6 +364,8 @@ def make_corpus(out_dir: str, config: CorpusConfig, log=print) -> dict:
         "sample_rate": 16000,
         "frame_shift_ms": 10,
         "feature_dim": 40,
+        "lexicon": {"words": len({e[0] for e in lexicon_entries}), "pronunciations": len(lexicon_entries),
+                    "train_words_without_pronunciation": lexicon.words_without_pronunciation},
         "unknown_phonemes": dict(sorted(unknown.items())),
         "utterances_skipped_for_unknown_phonemes": skipped,
         "speakers": {v.speaker_id: {**dataclasses.asdict(v), "split": s}

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ngsgd_mpi.faults import InputError
+
 VARIANCE_FLOOR = 1.0e-20
 
 
-class CmvnError(ValueError):
+class CmvnError(InputError):
     """Statistics or options that apply-cmvn would refuse."""
 
 

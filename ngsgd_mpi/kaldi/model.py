@@ -44,10 +44,12 @@ import struct
 
 import numpy as np
 
+from ngsgd_mpi.faults import InputError
+
 NO_PDF = -1
 
 
-class KaldiFormatError(ValueError):
+class KaldiFormatError(InputError):
     """A Kaldi object file that is not what it should be (one line, names the file)."""
 
 
@@ -103,13 +105,6 @@ class ObjectReader:
         word = self.data[self.pos:end].decode("latin-1")
         self.pos = end + 1
         return word
-
-    def peek_token(self) -> str:
-        pos = self.pos
-        try:
-            return self.token()
-        finally:
-            self.pos = pos
 
     def expect(self, token: str) -> None:
         start = self.pos
@@ -414,7 +409,7 @@ class TransitionModel:
       tuples:           (num_tstates, 4) int32 (phone, hmm_state, forward_pdf, self_loop_pdf).
       log_probs:        (num_tids + 1,) float64, log transition probabilities.
       state2id:         (num_tstates + 2,) first tid of each transition-state (1-based).
-      tid2tstate, tid2index, tid2pdf, tid2phone, tid2hmm_state: (num_tids + 1,) int32.
+      tid2tstate, tid2index, tid2pdf, tid2phone: (num_tids + 1,) int32.
       tid_is_self_loop, tid_is_final: (num_tids + 1,) bool (final: goes to the final state).
       tstate_self_loop: (num_tstates + 1,) the self-loop tid of each tstate, 0 if none.
       non_self_loop_log_prob: (num_tstates + 1,) log(1 - p_self_loop) (0 without a loop).
@@ -463,7 +458,6 @@ class TransitionModel:
         self.tid_is_final = np.concatenate([[False], dest == last])
         self.tid2pdf = np.concatenate([[-1], np.where(self.tid_is_self_loop[1:], rows[:, 3], rows[:, 2])]).astype(np.int32)
         self.tid2phone = np.concatenate([[0], rows[:, 0]]).astype(np.int32)
-        self.tid2hmm_state = np.concatenate([[-1], rows[:, 1]]).astype(np.int32)
         self.tstate_self_loop = np.zeros(len(t) + 1, np.int32)
         loops = np.flatnonzero(self.tid_is_self_loop)
         self.tstate_self_loop[self.tid2tstate[loops]] = loops

@@ -1,0 +1,495 @@
+"""``ngsgd-decode``: log-likelihoods + HCLG -> words, and WER in Kaldi's layout.
+
+Per utterance, with the (T x P) pdf log-likelihoods L (from the network, or
+read with ``--loglikes``) and the graph's transition model:
+
+1. Kaldi's DecodableMatrixScaledMapped: transition-id k reads pdf(k) (D1)::
+
+       A[t, k - 1] = acwt * L[t, pdf(k)]          (kaldi-decoder's DecodableCtc: label k = column k - 1)
+
+2. kaldi-decoder's LatticeSimpleDecoder (``--beam``, ``--lattice-beam``) over
+   HCLG gives the raw lattice; each arc has a graph cost g and an acoustic
+   cost a = -acwt * L.
+3. For every LM weight LMWT and word insertion penalty WIP the 1-best path
+   minimises, as ``lattice-scale --inv-acoustic-scale=LMWT |
+   lattice-add-penalty | lattice-best-path`` on Kaldi's lattices (D2)::
+
+       g + WIP * [arc has a word] + a / (acwt * LMWT)
+
+   The decoder's own 1-best (minimising g + a, what gmm-latgen-faster prints)
+   goes to ``log/decode.log`` with Kaldi's "Log-like per frame" line,
+   -(g + a) / T.
+
+The hypotheses and, with ``--ref``, the error rates are written in Kaldi's
+``scoring_kaldi`` layout (:mod:`ngsgd_mpi.scoring`).  Several ranks
+(``mpiexec -n N``) take utterances round-robin; each writes its results to
+``OUT/.part.<rank>.json``; once every rank is done (a collective sum of their
+error counts) rank 0 merges them in input order.
+
+The graph is ``GRAPH_DIR/HCLG.fst`` (OpenFst vector or Kaldi's const FST,
+:mod:`ngsgd_mpi.kaldi.fst`) with ``words.txt``; transition-ids are mapped to
+pdfs by ``GRAPH_DIR/trans.mdl`` (what ``ngsgd-mkgraph`` writes), else
+``--transition-model`` or ``GRAPH_DIR/../final.mdl`` (a Kaldi
+``exp/tri1/graph`` next to its ``final.mdl``).  Labels are checked against the
+model and the word table before kaldifst sees the graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ngsgd_mpi.faults import InputError
+
+from ngsgd_mpi import scoring
+from ngsgd_mpi.kaldi.fst import decoding_modules, from_kaldifst, read_fst, to_kaldifst
+from ngsgd_mpi.kaldi.model import read_transition_model
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+class DecodeError(InputError):
+    """Bad input to ngsgd-decode (one line)."""
+
+
+# --------------------------------------------------------------------------- the graph
+
+class Graph:
+    """A decoding graph ready for kaldi-decoder.
+
+    Fields:
+      fst:      kaldifst.StdVectorFst (HCLG).
+      words:    {word id: symbol} of words.txt.
+      tid2pdf:  (num_tids + 1,) pdf of each transition-id (index 0 unused).
+      num_pdfs: columns the log-likelihoods must have.
+      kind:     "word" or "phone" (graph_info.json of ngsgd-mkgraph; Kaldi graphs: "word").
+    """
+
+    def __init__(self, graph_dir: str, transition_model: str | None = None):
+        hclg_path = os.path.join(graph_dir, "HCLG.fst")
+        words_path = os.path.join(graph_dir, "words.txt")
+        if transition_model is None:
+            candidates = [os.path.join(graph_dir, "trans.mdl"), os.path.join(graph_dir, os.pardir, "final.mdl")]
+            transition_model = next((c for c in candidates if os.path.isfile(c)), None)
+            if transition_model is None:
+                raise DecodeError(f"{graph_dir}: no trans.mdl here and no ../final.mdl; "
+                                  "pass --transition-model (the final.mdl the graph was built with)")
+        trans_model = read_transition_model(transition_model)
+        self.words = read_symbol_table(words_path)
+        hclg = read_fst(hclg_path)
+        num_tids = trans_model.num_transition_ids
+        if hclg.num_arcs:
+            top = int(hclg.arcs["ilabel"].max())
+            if top > num_tids:
+                raise DecodeError(f"{hclg_path}: input label {top} exceeds the {num_tids} transition-ids "
+                                  f"of {transition_model} (a graph of another model?)")
+            unknown = np.setdiff1d(np.unique(hclg.arcs["olabel"]), np.array(list(self.words), np.int64))
+            if len(unknown):
+                raise DecodeError(f"{words_path} does not match {hclg_path}: output label {unknown[0]} "
+                                  f"is not in the word table ({len(unknown)} such labels)")
+        self.fst = to_kaldifst(hclg)
+        self.tid2pdf = trans_model.tid2pdf
+        self.num_pdfs = trans_model.num_pdfs
+        self.transition_model = transition_model
+        self.kind = "word"
+        info = os.path.join(graph_dir, "graph_info.json")
+        if os.path.isfile(info):
+            try:
+                with open(info, encoding="utf-8") as f:
+                    self.kind = json.load(f).get("kind", "word")
+            except (OSError, ValueError) as exc:
+                raise DecodeError(f"{info}: not a JSON object ({exc})") from None
+
+
+def read_symbol_table(path: str) -> dict[int, str]:
+    """An OpenFst text symbol table (``symbol id`` lines)."""
+    table: dict[int, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2 or not fields[1].isdigit():
+                    raise DecodeError(f"{path}: line {number}: expected 'symbol id', got {line.strip()[:60]!r}")
+                if int(fields[1]) in table:
+                    raise DecodeError(f"{path}: line {number}: id {fields[1]} appears twice")
+                table[int(fields[1])] = fields[0]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"{path}: cannot read the word table ({exc})") from None
+    if not table:
+        raise DecodeError(f"{path}: empty word table")
+    return table
+
+
+# --------------------------------------------------------------------------- decoding
+
+class Decoder:
+    """One graph, one of kaldi-decoder's searches, equations (D1), (D2).
+
+    ``lattice`` (LatticeSimpleDecoder, ``--beam``, ``--lattice-beam``): a raw
+    lattice per utterance, from which every (LMWT, WIP) gets its 1-best.
+    ``faster`` (FasterDecoder, ``--beam``, ``--max-active``): the 1-best path
+    only, i.e. the hypothesis at LMWT = 1 / acwt and WIP = 0; several times
+    faster, because it keeps at most max-active tokens where the lattice search
+    keeps every token within the beam.
+    """
+
+    def __init__(self, graph: Graph, acwt: float = 0.1, beam: float = 13.0, lattice_beam: float = 6.0,
+                 max_active: int = 7000, search: str = "lattice"):
+        self.kaldifst, self.kaldi_decoder, _ = decoding_modules()
+        self.graph, self.acwt, self.search = graph, acwt, search
+        kd = self.kaldi_decoder
+        if search == "lattice":
+            config = kd.LatticeSimpleDecoderConfig()
+            config.beam, config.lattice_beam = beam, lattice_beam
+            self._decoder = kd.LatticeSimpleDecoder(graph.fst, config)
+        elif search == "faster":
+            config = kd.FasterDecoderOptions()
+            config.beam, config.max_active = beam, max_active
+            self._decoder = kd.FasterDecoder(graph.fst, config)
+        else:
+            raise DecodeError(f"--decoder must be lattice or faster, got {search!r}")
+
+    def decode(self, loglikes: np.ndarray, lmwts, penalties):
+        """(the search's own 1-best as (word ids, graph cost, acoustic cost) or None when
+        nothing survived, {(LMWT, WIP): word ids}, whether a final state was reached)."""
+        scores = (self.acwt * loglikes[:, self.graph.tid2pdf[1:]]).astype(np.float32)
+        self._decoder.decode(self.kaldi_decoder.DecodableCtc(scores))
+        if self.search == "faster":
+            reached_final = bool(self._decoder.reached_final())
+            ok, path = self._decoder.get_best_path()
+            if not ok or path.num_states == 0:
+                return None, {}, reached_final
+            _, _, words, weight = self.kaldifst.get_linear_symbol_sequence(path)
+            best = ([w for w in words if w], float(weight.value1), float(weight.value2))
+            return best, {(lmwt, wip): best[0] for lmwt in lmwts for wip in penalties}, reached_final
+        reached_final = bool(np.isfinite(self._decoder.final_relative_cost()))
+        ok, lattice = self._decoder.get_raw_lattice()
+        if not ok or lattice.num_states == 0:
+            return None, {}, reached_final
+        combos = [(lmwt, wip) for wip in penalties for lmwt in lmwts]
+        scales = np.array([1.0] + [1.0 / (self.acwt * lmwt) for lmwt, _ in combos])
+        wips = np.array([0.0] + [float(wip) for _, wip in combos])
+        results = lattice_best_paths(from_kaldifst(lattice), scales, wips)
+        return results[0], {combo: words for combo, (words, _, _) in zip(combos, results[1:])}, reached_final
+
+
+def lattice_best_paths(lat, acoustic_scales: np.ndarray, penalties: np.ndarray) -> list:
+    """Best paths of an acyclic lattice under K weightings at once: path k minimises
+    sum(graph + penalties[k] * [word]) + acoustic_scales[k] * sum(acoustic).
+
+    Kahn's algorithm, one frontier at a time: a state whose incoming arcs are all
+    done has its final costs (K of them) and pushes them along its outgoing
+    arcs, vectorised over (arcs x K).  Back-pointers are read off at the end:
+    an arc is on a best path where cost[src] + w = cost[dst].
+    Returns [(word ids, graph cost, acoustic cost)] per weighting.
+    """
+    num_states, arcs, start = lat.num_states, lat.arcs, lat.start
+    src, dst = lat.sources().astype(np.int64), arcs["nextstate"].astype(np.int64)
+    graph = arcs["weight"][:, 0].astype(np.float64)
+    acoustic = arcs["weight"][:, 1].astype(np.float64)
+    weights = graph[:, None] + penalties[None] * (arcs["olabel"] != 0)[:, None] + acoustic[:, None] * acoustic_scales
+    k = len(acoustic_scales)
+    cells = dst[:, None] * k + np.arange(k)            # (arc, weighting) -> cell of cost
+    cost = np.full((num_states, k), np.inf)
+    cost[start] = 0.0
+    flat_cost = cost.reshape(-1)
+    remaining = np.bincount(dst, minlength=num_states)
+    counts = np.diff(lat.offsets)
+    frontier, done = np.array([start]), 0
+    if remaining[start]:
+        raise DecodeError("the decoder's lattice has an arc into its start state")
+    while len(frontier):
+        done += len(frontier)
+        n = counts[frontier]
+        out = np.repeat(lat.offsets[frontier] - np.cumsum(n) + n, n) + np.arange(n.sum())
+        np.minimum.at(flat_cost, cells[out].ravel(), (cost[src[out]] + weights[out]).ravel())
+        targets = dst[out]
+        np.subtract.at(remaining, targets, 1)
+        frontier = np.unique(targets[remaining[targets] == 0])
+    if done != num_states:
+        raise DecodeError("the decoder's lattice is cyclic or has unreachable states")
+    on_best = np.isclose(cost[src] + weights, cost[dst], rtol=0, atol=1e-9) & np.isfinite(cost[dst])
+    back = np.full((num_states, k), -1, np.int64)
+    rows, cols = np.nonzero(on_best)
+    back[dst[rows], cols] = rows
+    final = lat.final.astype(np.float64)
+    total = cost + final[:, :1] + final[:, 1:] * acoustic_scales
+    olabel = arcs["olabel"].tolist()
+    out_paths = []
+    for j, s in enumerate(np.argmin(total, axis=0).tolist()):
+        if not np.isfinite(total[s, j]):
+            out_paths.append(([], np.inf, np.inf))
+            continue
+        words, g, a = [], float(final[s, 0]), float(final[s, 1])
+        column = back[:, j]
+        while s != start:
+            arc = int(column[s])
+            if olabel[arc]:
+                words.append(olabel[arc])
+            g, a = g + graph[arc], a + acoustic[arc]
+            s = int(src[arc])
+        out_paths.append((words[::-1], g, a))
+    return out_paths
+
+
+# --------------------------------------------------------------------------- log-likelihood sources
+
+def network_log_likelihoods(model_path: str, data_dir: str, rank: int, size: int, prior_floor: float = 1e-8,
+                            batch_frames: int = 8192):
+    """(utt, T x P pdf log-likelihoods) of the utterances rank, rank + size, ... of
+    ``DATA_DIR/feats.scp`` from a trained model: log p(s|x) - log p(s), exactly what
+    ``ngsgd-forward --data DATA_DIR --output log-likelihood`` writes (the model's input
+    pipeline, its priors; ngsgd_mpi.inference is the one place that runs the network)."""
+    from ngsgd_mpi import inference  # noqa: PLC0415 - needs h5py; --loglikes does not
+
+    model = inference.load_model(model_path)
+    offsets = inference.log_prior_offsets(model, model_path, prior_floor=prior_floor,
+                                          log=inference.to_stderr if rank == 0 else lambda message: None)
+    utterances = inference.model_utterances(model, model_path, data_dir=data_dir, rank=rank, size=size)
+    yield from inference.score_utterances(model, model.network(), utterances, "log-likelihood", offsets,
+                                          batch_frames, where=f"--data {data_dir}")
+
+
+def table_log_likelihoods(rspecifier: str, rank: int, size: int):
+    """(utt, matrix) of entries rank, rank + size, ... of a Kaldi matrix table."""
+    from ngsgd_mpi.inference import read_utterances  # noqa: PLC0415
+
+    yield from read_utterances(rspecifier, rank, size)
+
+
+# --------------------------------------------------------------------------- one rank's work
+
+def parse_lmwt(spec: str) -> list[int]:
+    """``7:17`` -> [7, ..., 17] (score_kaldi_wer.sh's --min-lmwt / --max-lmwt); ``10`` -> [10]."""
+    low, _, high = spec.partition(":")
+    try:
+        low_i, high_i = int(low), int(high or low)
+    except ValueError:
+        raise DecodeError(f"--lmwt must be MIN:MAX (integers), got {spec!r}") from None
+    if not 0 < low_i <= high_i:
+        raise DecodeError(f"--lmwt must satisfy 0 < MIN <= MAX, got {spec!r}")
+    return list(range(low_i, high_i + 1))
+
+
+def parse_penalties(spec: str) -> list[str]:
+    penalties = [p for p in spec.split(",") if p]
+    try:
+        if not penalties or any(not np.isfinite(float(p)) for p in penalties):
+            raise ValueError
+    except ValueError:
+        raise DecodeError(f"--word-ins-penalty must be a comma-separated list of numbers, got {spec!r}") from None
+    return penalties
+
+
+def decode_share(decoder: Decoder, utterances, rank: int, size: int, lmwts, penalties, ref=None,
+                 ref_path: str = "") -> dict:
+    """Decode this rank's utterances; returns the part record (see :func:`merge_parts`)."""
+    records, decode_seconds, frames = [], 0.0, 0
+    for k, (utt, loglikes) in enumerate(utterances):
+        if ref is not None:
+            scoring.check_references(ref, [utt], ref_path)
+        loglikes = np.asarray(loglikes)
+        num_pdfs = decoder.graph.num_pdfs
+        if loglikes.ndim != 2 or loglikes.dtype.kind != "f" or (len(loglikes) and loglikes.shape[1] != num_pdfs):
+            raise DecodeError(f"utterance {utt!r}: log-likelihoods of shape {loglikes.shape}, the transition "
+                              f"model {decoder.graph.transition_model} has {decoder.graph.num_pdfs} pdfs")
+        if not np.all(np.isfinite(loglikes)):
+            raise DecodeError(f"utterance {utt!r}: log-likelihoods are not all finite")
+        record = {"utt": utt, "index": k * size + rank, "frames": len(loglikes), "reached_final": False}
+        start = time.perf_counter()
+        if len(loglikes):
+            best, hyps, record["reached_final"] = decoder.decode(loglikes, lmwts, penalties)
+            if best is not None:
+                record["words"], graph_cost, acoustic_cost = best
+                record["cost"] = [graph_cost, acoustic_cost]
+                record["hyps"] = {f"{lmwt} {wip}": w for (lmwt, wip), w in hyps.items()}
+        decode_seconds += time.perf_counter() - start
+        frames += len(loglikes)
+        records.append(record)
+    return {"rank": rank, "utterances": records, "decode_seconds": decode_seconds, "frames": frames}
+
+
+def part_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, f".part.{rank}.json")
+
+
+def write_json(path: str, record) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- rank 0: merge and score
+
+def merge_parts(out_dir: str, size: int, graph: Graph, lmwts, penalties, ref: str | None) -> dict:
+    """Read every rank's part, write the Kaldi layout; returns the summary."""
+    parts = []
+    for r in range(size):
+        with open(part_path(out_dir, r), encoding="utf-8") as f:
+            parts.append(json.load(f))
+    records = sorted((u for p in parts for u in p["utterances"]), key=lambda u: u["index"])
+    words = graph.words
+    hyps = {(lmwt, wip): {} for wip in penalties for lmwt in lmwts}
+    log = []
+    for u in records:
+        if "hyps" not in u:
+            log.append(f"WARNING: failed to decode utterance {u['utt']} ({u['frames']} frames)")
+            continue
+        for key, ids in u["hyps"].items():
+            lmwt, wip = key.split(" ")
+            hyps[(int(lmwt), wip)][u["utt"]] = [words[i] for i in ids]
+        if not u["reached_final"]:
+            log.append(f"WARNING: no final state reached for utterance {u['utt']}: partial output")
+        log.append(" ".join([u["utt"], *(words[i] for i in u["words"])]))
+        log.append(f"Log-like per frame for utterance {u['utt']} is "
+                   f"{-sum(u['cost']) / max(u['frames'], 1):.6g} over {u['frames']} frames.")
+    os.makedirs(os.path.join(out_dir, "log"), exist_ok=True)
+    with open(os.path.join(out_dir, "log", "decode.log.tmp"), "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in log)
+    os.replace(os.path.join(out_dir, "log", "decode.log.tmp"), os.path.join(out_dir, "log", "decode.log"))
+    scoring.write_hypotheses(out_dir, hyps)
+    frames = sum(p["frames"] for p in parts)
+    summary = {"utterances": len(records), "frames": frames,
+               "decoded": sum("hyps" in u for u in records),
+               "partial": sum("hyps" in u and not u["reached_final"] for u in records),
+               "decode_seconds_per_rank": [round(p["decode_seconds"], 3) for p in parts],
+               "frames_per_second_per_rank": frames / max(sum(p["decode_seconds"] for p in parts), 1e-9),
+               "kind": graph.kind}
+    if ref is not None:
+        line, counts, lmwt, wip = scoring.score(out_dir, ref, hyps, penalties, lmwts)
+        summary.update({"best_wer": line, "wer": counts.wer, "lmwt": lmwt, "wip": wip})
+    return summary
+
+
+# --------------------------------------------------------------------------- entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ngsgd-decode", description="Decode with an HCLG graph and score in Kaldi's "
+                                "scoring_kaldi layout (mpiexec -n N: ranks split the utterances).")
+    p.add_argument("--graph-dir", required=True, help="HCLG.fst + words.txt (+ trans.mdl from ngsgd-mkgraph)")
+    p.add_argument("--transition-model", help="Kaldi model whose TransitionModel the graph was built with "
+                   "(default: GRAPH_DIR/trans.mdl, else GRAPH_DIR/../final.mdl)")
+    p.add_argument("--model", help="trained model (final.h5), with --data")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="Kaldi data directory (feats.scp) to run --model on")
+    source.add_argument("--loglikes", help="rspecifier of per-utterance pdf log-likelihood matrices")
+    p.add_argument("--decoder", choices=("lattice", "faster"), default="lattice",
+                   help="lattice: LatticeSimpleDecoder, 1-best for every LM weight and penalty; faster: "
+                   "FasterDecoder with --max-active, the 1-best at LM weight 1/acwt only")
+    p.add_argument("--acwt", type=float, default=0.1, help="acoustic scale of the decoder")
+    p.add_argument("--beam", type=float, default=13.0, help="decoding beam")
+    p.add_argument("--lattice-beam", type=float, default=6.0, help="lattice beam (--decoder lattice)")
+    p.add_argument("--max-active", type=int, default=7000, help="most active tokens per frame (--decoder faster)")
+    p.add_argument("--lmwt", default=None, help="LM weights MIN:MAX for the 1-best hypotheses (default 7:17)")
+    p.add_argument("--word-ins-penalty", default=None,
+                   help="comma-separated word insertion penalties (default 0.0,0.5,1.0)")
+    p.add_argument("--ref", help="reference text (Kaldi 'text', or 'phone_text' for a phone graph)")
+    p.add_argument("--prior-floor", type=float, default=1e-8, help="floor of the model's class priors")
+    p.add_argument("--batch-frames", type=int, default=8192, help="frames per network forward pass")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", required=True, help="decode directory to write")
+    return p
+
+
+def scoring_grid(args) -> tuple[list[int], list[str]]:
+    """The (LM weights, word insertion penalties) to write hypotheses for."""
+    if not args.acwt > 0:
+        raise DecodeError(f"--acwt must be > 0, got {args.acwt}")
+    if args.decoder == "faster":
+        if args.lmwt is not None or args.word_ins_penalty is not None:
+            raise DecodeError("--decoder faster gives the 1-best at LM weight 1/acwt only; "
+                              "--lmwt and --word-ins-penalty need --decoder lattice")
+        return [max(1, round(1.0 / args.acwt))], ["0.0"]
+    return parse_lmwt(args.lmwt or "7:17"), parse_penalties(args.word_ins_penalty or "0.0,0.5,1.0")
+
+
+def _rank_work(args, dist) -> tuple[Graph | None, str | None]:
+    """Everything one rank does before the merge; returns (graph, error)."""
+    try:
+        lmwts, penalties = scoring_grid(args)
+        if not args.beam > 0 or not args.lattice_beam > 0 or args.max_active < 1:
+            raise DecodeError("--beam and --lattice-beam must be > 0, --max-active >= 1")
+        if args.data is not None and args.model is None:
+            raise DecodeError("--data needs --model (or give --loglikes)")
+        ref = scoring.read_text(args.ref) if args.ref else None
+        graph = Graph(args.graph_dir, args.transition_model)
+        decoder = Decoder(graph, args.acwt, args.beam, args.lattice_beam, args.max_active, args.decoder)
+        if args.data is not None:
+            from ngsgd_mpi import backend  # noqa: PLC0415
+
+            backend.use_device(args.device)
+            utterances = network_log_likelihoods(args.model, args.data, dist.rank, dist.size, args.prior_floor,
+                                                 args.batch_frames)
+        else:
+            utterances = table_log_likelihoods(args.loglikes, dist.rank, dist.size)
+        os.makedirs(args.out, exist_ok=True)
+        part = decode_share(decoder, utterances, dist.rank, dist.size, lmwts, penalties, ref, args.ref or "")
+        write_json(part_path(args.out, dist.rank), part)
+        return graph, None
+    except (InputError, OSError) as exc:
+        return None, str(exc)
+
+
+def main(argv=None) -> int:
+    from ngsgd_mpi import distributed  # noqa: PLC0415
+
+    args = build_parser().parse_args(argv)
+    dist = distributed.init()
+    with distributed.abort_on_exception(dist):
+        start = time.time()
+        graph, error = _rank_work(args, dist)
+        if error is not None and os.path.isdir(args.out):
+            write_json(part_path(args.out, dist.rank), {"error": error})
+        failed = int(dist.sum([error is not None])[0])
+        status = EXIT_OK
+        if dist.rank == 0:
+            if failed:
+                message = error or _first_error(args.out, dist.size)
+                sys.stderr.write(f"ngsgd-decode: error: {message}\n")
+                status = EXIT_BAD_INPUT
+            else:
+                try:
+                    summary = merge_parts(args.out, dist.size, graph, *scoring_grid(args), args.ref)
+                    _report(summary, args, time.time() - start)
+                except scoring.ScoringError as exc:
+                    sys.stderr.write(f"ngsgd-decode: error: {exc}\n")
+                    status = EXIT_BAD_INPUT
+            for r in range(dist.size):
+                if os.path.exists(part_path(args.out, r)):
+                    os.remove(part_path(args.out, r))
+        return int(dist.sum([status])[0])
+
+
+def _first_error(out_dir: str, size: int) -> str:
+    for r in range(size):
+        try:
+            with open(part_path(out_dir, r), encoding="utf-8") as f:
+                error = json.load(f).get("error")
+        except (OSError, ValueError):
+            continue
+        if error:
+            return error
+    return "a rank failed (see its output)"
+
+
+def _report(summary: dict, args, seconds: float) -> None:
+    rate = summary["frames_per_second_per_rank"]
+    print(f"ngsgd-decode: {summary['decoded']}/{summary['utterances']} utterances decoded "
+          f"({summary['partial']} partial), {summary['frames']:,} frames, decoder {rate:,.0f} frames/s per rank, "
+          f"{seconds:.1f} s in all -> {args.out}")
+    if "best_wer" in summary:
+        what = "PER" if summary["kind"] == "phone" else "WER"
+        print(f"ngsgd-decode: {what} {summary['wer']:.2f} % at LM weight {summary['lmwt']}, word insertion "
+              f"penalty {summary['wip']}: {summary['best_wer']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Decoding speed: frames/s of ngsgd-decode's searches at 1 thread, per graph.
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python scripts/bench_decode.py \\
+        --graph word=runs/x/graph_word --graph phone=runs/x/graph_phone \\
+        (--model runs/x/final.h5 --data data/synth/test | --loglikes scp:ll.scp) \\
+        [--utterances 40] [--beam 13] [--reps 2] [--oracle-boost B --ali RSPEC] [--json out.json]
+
+What is measured (docs/benchmarks.md has the figures):
+
+* The log-likelihoods of the first ``--utterances`` utterances are computed
+  first (network forward, timed separately: "network frames/s", so the
+  decoder can be set beside what feeds it); then every (graph, search) pair
+  decodes them all, ``--reps`` times, interleaved; the figure is the best
+  repetition's frames per second of process CPU time (single-threaded code on
+  a shared machine: wall time measures the other jobs), wall time beside it.
+* ``lattice``: LatticeSimpleDecoder + the 1-best for LM weights 7..17 and
+  penalties 0, 0.5, 1 (what ngsgd-decode does by default), split into the
+  search and the 1-best pass; ``faster``: FasterDecoder with max-active 7000.
+* Tokens: the mean lattice states per frame, a proxy of the search width.
+* ``--oracle-boost B --ali ALI``: add B to the log-likelihood of each frame's
+  aligned pdf, a stand-in for a sharper model (the search narrows as the
+  best pdf stands out), to show how speed depends on the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ngsgd_mpi import decode  # noqa: E402
+from ngsgd_mpi.kaldi.fst import from_kaldifst  # noqa: E402
+
+LMWTS, PENALTIES = list(range(7, 18)), ["0.0", "0.5", "1.0"]
+
+
+def load_loglikes(args) -> tuple[list, float]:
+    start = time.process_time()
+    if args.loglikes:
+        source = decode.table_log_likelihoods(args.loglikes, 0, 1)
+    else:
+        source = decode.network_log_likelihoods(args.model, args.data, 0, 1)
+    utts = []
+    for utt, ll in source:
+        utts.append((utt, np.asarray(ll, np.float32)))
+        if len(utts) == args.utterances:
+            break
+    seconds = time.process_time() - start
+    if args.oracle_boost:
+        from ngsgd_mpi.kaldi.tables import INT_VECTOR, IndexedTable
+
+        alignment = IndexedTable(args.ali, INT_VECTOR, "--ali")
+        alignment.index()
+        for i, (utt, ll) in enumerate(utts):
+            labels = alignment.read(utt)[:len(ll)]
+            boosted = ll.copy()
+            boosted[np.arange(len(labels)), labels] += args.oracle_boost
+            utts[i] = (utt, boosted)
+        alignment.close()
+    return utts, seconds
+
+
+def time_lattice(decoder: decode.Decoder, utts) -> dict:
+    search = paths = 0.0
+    states = 0
+    kd = decoder.kaldi_decoder
+    wall = time.perf_counter()
+    for _, ll in utts:
+        scores = (decoder.acwt * ll[:, decoder.graph.tid2pdf[1:]]).astype(np.float32)
+        t0 = time.process_time()
+        decoder._decoder.decode(kd.DecodableCtc(scores))
+        ok, lattice = decoder._decoder.get_raw_lattice()
+        t1 = time.process_time()
+        arcs = from_kaldifst(lattice)
+        combos = [(lmwt, wip) for wip in PENALTIES for lmwt in LMWTS]
+        decode.lattice_best_paths(arcs, np.array([1.0] + [1 / (decoder.acwt * lm) for lm, _ in combos]),
+                                  np.array([0.0] + [float(w) for _, w in combos]))
+        t2 = time.process_time()
+        search, paths, states = search + t1 - t0, paths + t2 - t1, states + arcs.num_states
+    return {"search_s": search, "paths_s": paths, "states": states, "wall_s": time.perf_counter() - wall}
+
+
+def time_faster(decoder: decode.Decoder, utts) -> dict:
+    t0, wall = time.process_time(), time.perf_counter()
+    for _, ll in utts:
+        decoder.decode(ll, [10], ["0.0"])
+    return {"search_s": time.process_time() - t0, "paths_s": 0.0, "states": 0, "wall_s": time.perf_counter() - wall}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--graph", action="append", required=True, help="NAME=GRAPH_DIR (repeatable)")
+    p.add_argument("--model")
+    p.add_argument("--data")
+    p.add_argument("--loglikes")
+    p.add_argument("--utterances", type=int, default=40)
+    p.add_argument("--beam", type=float, default=13.0)
+    p.add_argument("--acwt", type=float, default=0.1)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--searches", default="lattice,faster")
+    p.add_argument("--oracle-boost", type=float, default=0.0, help="added to the aligned pdf's log-likelihood")
+    p.add_argument("--ali", help="alignment (pdf per frame) for --oracle-boost")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if not args.loglikes and not (args.model and args.data):
+        p.error("give --loglikes, or --model and --data")
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(1):
+        utts, network_s = load_loglikes(args)
+        frames = sum(len(ll) for _, ll in utts)
+        graphs = dict(g.split("=", 1) for g in args.graph)
+        decoders = {(name, search): decode.Decoder(decode.Graph(path), args.acwt, args.beam, search=search)
+                    for name, path in graphs.items() for search in args.searches.split(",")}
+        best: dict = {}
+        for rep in range(args.reps):
+            for key, decoder in decoders.items():
+                timed = (time_lattice if key[1] == "lattice" else time_faster)(decoder, utts)
+                total = timed["search_s"] + timed["paths_s"]
+                if key not in best or total < best[key]["search_s"] + best[key]["paths_s"]:
+                    best[key] = timed
+    blas = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+            for i in threadpool_info()]
+    report = {"utterances": len(utts), "frames": frames, "beam": args.beam, "acwt": args.acwt,
+              "oracle_boost": args.oracle_boost,
+              "network_frames_per_s": frames / network_s if not args.loglikes else None,
+              "load_average": os.getloadavg(), "blas": blas, "python": platform.python_version(),
+              "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                     "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+              "runs": []}
+    if report["network_frames_per_s"]:
+        print(f"network forward: {report['network_frames_per_s']:,.0f} frames/s ({frames:,} frames, "
+              f"{len(utts)} utterances)")
+    for (name, search), t in best.items():
+        total = t["search_s"] + t["paths_s"]
+        run = {"graph": name, "search": search, "frames_per_s": frames / total,
+               "wall_frames_per_s": frames / t["wall_s"], "search_frames_per_s": frames / t["search_s"],
+               "paths_share": t["paths_s"] / total, "lattice_states_per_frame": t["states"] / frames}
+        report["runs"].append(run)
+        print(f"{name:>6} {search:>7}: {run['frames_per_s']:8,.0f} frames/s CPU ({run['wall_frames_per_s']:,.0f} wall)"
+              + (f" (search {run['search_frames_per_s']:,.0f}/s, 1-best pass {100 * run['paths_share']:.0f} %, "
+                 f"{run['lattice_states_per_frame']:.0f} lattice states/frame)" if search == "lattice" else ""))
+    print(f"load average {report['load_average'][0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
