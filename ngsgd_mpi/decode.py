@@ -247,7 +247,7 @@ def network_log_likelihoods(model_path: str, data_dir: str, rank: int, size: int
     ``DATA_DIR/feats.scp`` from a trained model: log p(s|x) - log p(s), exactly what
     ``ngsgd-forward --data DATA_DIR --output log-likelihood`` writes (the model's input
     pipeline, its priors; ngsgd_mpi.inference is the one place that runs the network)."""
-    from ngsgd_mpi import inference  # noqa: PLC0415 - needs h5py; --loglikes does not
+    from ngsgd_mpi import inference  # noqa: PLC0415 - the HDF5 model layer; --loglikes does not need it
 
     model = inference.load_model(model_path)
     offsets = inference.log_prior_offsets(model, model_path, prior_floor=prior_floor,
