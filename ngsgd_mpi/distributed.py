@@ -32,6 +32,8 @@ import numpy as np
 from . import backend
 from .faults import InputError
 
+IDLE_POLL_SECONDS = 0.001      # an idle rank's sleep between tests of a pending collective
+
 
 def _mpi():
     # MPICH's default multi-node Allreduce sums within each node first, so where the ranks run
@@ -126,12 +128,24 @@ class Dist:
             raise InputError("\n".join(failed))
         return result
 
-    def any_flags(self, flag: int) -> int:
-        """Bitwise OR of a small integer over ranks (stop / divergence agreement)."""
+    def any_flags(self, flag: int, idle: bool | None = None) -> int:
+        """Bitwise OR of a small integer over ranks (stop / divergence agreement).
+
+        ``idle`` (job ramp): None on every rank = a blocking Allreduce.  True/False on every
+        rank = a non-blocking one, which the idle ranks (True) poll with short sleeps, so that
+        ranks with nothing to do in a period do not spin on the CPU the working ranks need."""
         if self.size == 1:
             return int(flag)
         value = np.array([flag], np.int64)
-        self.comm.Allreduce(self.MPI.IN_PLACE, value, op=self.MPI.BOR)
+        if idle is None:
+            self.comm.Allreduce(self.MPI.IN_PLACE, value, op=self.MPI.BOR)
+            return int(value[0])
+        request = self.comm.Iallreduce(self.MPI.IN_PLACE, value, op=self.MPI.BOR)
+        if idle:
+            while not request.Test():
+                time.sleep(IDLE_POLL_SECONDS)
+        else:
+            request.Wait()
         return int(value[0])
 
     def checkin(self, timeout: float, what: str) -> None:
