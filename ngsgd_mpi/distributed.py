@@ -32,7 +32,8 @@ import numpy as np
 from . import backend
 from .faults import InputError
 
-IDLE_POLL_SECONDS = 0.001      # an idle rank's sleep between tests of a pending collective
+SPIN_SECONDS = 2e-4             # any_flags: test a pending collective this long without sleeping,
+POLL_SECONDS = 1e-3             # then sleep this long between tests
 
 
 def _mpi():
@@ -128,24 +129,20 @@ class Dist:
             raise InputError("\n".join(failed))
         return result
 
-    def any_flags(self, flag: int, idle: bool | None = None) -> int:
+    def any_flags(self, flag: int) -> int:
         """Bitwise OR of a small integer over ranks (stop / divergence agreement).
 
-        ``idle`` (job ramp): None on every rank = a blocking Allreduce.  True/False on every
-        rank = a non-blocking one, which the idle ranks (True) poll with short sleeps, so that
-        ranks with nothing to do in a period do not spin on the CPU the working ranks need."""
+        A non-blocking Allreduce, waited for by spinning briefly and then sleeping between
+        tests: a rank that waits long (an idle rank of the job ramp, everyone while rank 0
+        validates) leaves the CPU to the ranks that work, which matters when ranks share cores."""
         if self.size == 1:
             return int(flag)
         value = np.array([flag], np.int64)
-        if idle is None:
-            self.comm.Allreduce(self.MPI.IN_PLACE, value, op=self.MPI.BOR)
-            return int(value[0])
         request = self.comm.Iallreduce(self.MPI.IN_PLACE, value, op=self.MPI.BOR)
-        if idle:
-            while not request.Test():
-                time.sleep(IDLE_POLL_SECONDS)
-        else:
-            request.Wait()
+        spin_until = time.perf_counter() + SPIN_SECONDS
+        while not request.Test():
+            if time.perf_counter() > spin_until:
+                time.sleep(POLL_SECONDS)
         return int(value[0])
 
     def checkin(self, timeout: float, what: str) -> None:

@@ -210,8 +210,11 @@ OPTIONS_LIST: list[Option] = [
                "ranks by the last; the others idle (0 = all ranks throughout)", minimum=0,
                kaldi="--num-jobs-initial (--num-jobs-final: the number of ranks)"),
         Option("add_layers_period", int, 0, "start with one hidden layer and add one before every this "
-               "many periods until num_hidden_layers; the next average is a pick-best (0 = off)",
-               minimum=0, kaldi="--add-layers-period (nnet-insert)"),
+               "many periods until num_hidden_layers (0 = off)", minimum=0,
+               kaldi="--add-layers-period (nnet-insert)"),
+        Option("pick_best_after_growth", bool, True, "add_layers_period: the period that starts with a new "
+               "layer ends by taking the best rank (half-size minibatches) instead of averaging",
+               kaldi="do_average=false when a layer was just added"),
         Option("prior_scale_power", float, 0.0, "fixed scale of the softmax input: smoothed class prior "
                "to this power, normalised to mean 1 (0 = off)", below=1,
                kaldi="--presoftmax-prior-scale-power (FixedScaleComponent)"),

@@ -34,7 +34,8 @@ each one's contribution by J (the paper's "n times" rule, with the *current* num
 Layer-wise growth (``add_layers_period`` P_add > 0, accel2's rule): training starts with one
 hidden layer and one more is inserted before periods P_add, 2 P_add, ... until
 ``num_hidden_layers``.  No average after period 0 (``first_period_pick_best``) nor after a
-period that started with a new layer: the best active rank's model is kept, and those
+period that started with a new layer (``pick_best_after_growth``): the best active rank's
+model is kept, and those
 periods step with half-size minibatches (the same samples in twice the steps), Kaldi's rule
 "when the model is changing fast, averaging hurts and small minibatches keep it stable".
 """
@@ -75,6 +76,7 @@ class Plan:
     num_hidden_layers: int     # the final depth
     add_layers_period: int     # 0: all layers from the start
     first_period_pick_best: bool
+    pick_best_after_growth: bool
 
     @classmethod
     def make(cls, cfg, num_ranks: int, corpus_frames: int) -> "Plan":
@@ -86,7 +88,8 @@ class Plan:
                    lr_initial=cfg.lr_initial, lr_final=cfg.lr_final,
                    lr_scale_by_ranks=cfg.lr_scale_by_ranks, num_hidden_layers=cfg.num_hidden_layers,
                    add_layers_period=cfg.add_layers_period if cfg.num_hidden_layers > 1 else 0,
-                   first_period_pick_best=cfg.first_period_pick_best)
+                   first_period_pick_best=cfg.first_period_pick_best,
+                   pick_best_after_growth=cfg.pick_best_after_growth)
 
     @property
     def frames_per_period(self) -> int:
@@ -137,7 +140,7 @@ class Plan:
         first = (samples_done // self.frames_per_period) % self.num_ranks     # rank-periods done, mod N
         active = tuple(sorted((first + k) % self.num_ranks for k in range(j)))
         grows = index > 0 and self.hidden_layers(index) > self.hidden_layers(index - 1)
-        pick_best = grows or (index == 0 and self.first_period_pick_best)
+        pick_best = (grows and self.pick_best_after_growth) or (index == 0 and self.first_period_pick_best)
         lr = self.learning_rate(samples_done, last_start)
         return Period(index, samples_done, active, self.hidden_layers(index), grows, pick_best, lr,
                       lr * (j if self.lr_scale_by_ranks else 1), len(rest) <= 1)

@@ -106,7 +106,7 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
             period = plan.period(prog.period, prog.samples)
             if network.config.num_hidden_layers < period.hidden_layers:       # layer-wise growth
                 model, network, updater = grow(cfg, model, network, period.index, log)
-            active, everyone = dist.rank in period.active, len(period.active) == dist.size
+            active = dist.rank in period.active
             snapshot = (backend.to_host(network.params).copy(), updater.state_dict())
             lr, lr_per_rank = period.lr * prog.lr_factor, period.lr_per_rank * prog.lr_factor
             t_period, flags = time.perf_counter(), 0
@@ -118,13 +118,12 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
                         flags |= flags & DIVERGED or train_step(network, updater, step, lr_per_rank, prog)
                     prog.advance(batch, t1 - t0, time.perf_counter() - t1)
                 prog.batch += 1
-                # stop / divergence agreement (idle ranks wait without spinning)
+                # stop / divergence agreement (idle ranks just wait here)
                 last = prog.batch == plan.batches_per_period
                 if last or prog.batch % cfg.signal_check_every == 0:
                     if last and active and not params_finite(network):
                         flags |= DIVERGED
-                    flags = dist.any_flags(flags | (STOP if stop.requested else 0),
-                                           idle=None if everyone else not active)
+                    flags = dist.any_flags(flags | (STOP if stop.requested else 0))
                     if flags:
                         break
             if flags & DIVERGED:

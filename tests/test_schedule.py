@@ -82,6 +82,8 @@ def test_growth_and_pick_best_periods():
     assert [r.index for r in runs if r.grows] == [2, 4]                 # accel2: x % period == 0
     assert [r.index for r in runs if r.pick_best] == [0, 2, 4]
     assert [p.minibatch_for(r) for r in runs[:3]] == [50, 100, 50]       # halved when picking
+    averaged = plan(2, num_hidden_layers=3, add_layers_period=2, pick_best_after_growth=False)
+    assert not any(r.pick_best for r in periods(averaged)[0])
     no_growth = plan(2, num_hidden_layers=3)
     assert all(r.hidden_layers == 3 and not r.pick_best for r in periods(no_growth)[0])
     assert plan(2, num_hidden_layers=1, add_layers_period=2).add_layers_period == 0

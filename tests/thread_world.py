@@ -17,6 +17,14 @@ from mpi4py import MPI
 from ngsgd_mpi import distributed
 
 
+class _Done:
+    def Test(self):
+        return True
+
+    def Wait(self):
+        return None
+
+
 class ThreadComm:
     def __init__(self, world: "ThreadWorld", rank: int):
         self.world, self.rank = world, rank
@@ -48,6 +56,11 @@ class ThreadComm:
         else:
             raise NotImplementedError(op)
         recvbuf[...] = result
+
+    def Iallreduce(self, sendbuf, recvbuf, op):
+        """Completes at once (the exchange is synchronous); returns a finished request."""
+        self.Allreduce(sendbuf, recvbuf, op)
+        return _Done()
 
     def Bcast(self, buf, root=0):
         buf[...] = self._exchange(np.array(buf, copy=True))[root]
