@@ -91,17 +91,24 @@ def combine_checkpoints(out_dir: str, valid: data.PartitionInfo, max_models: int
 
 # ----------------------------------------------------------------------------- nnet-combine-fast
 
-def training_subset(partition: str, context: int, frames: int, seed: int):
-    """(spliced feats, labels) of ``frames`` random frames of random whole utterances of one
-    training partition (Kaldi: combine.egs from a random subset of training utterances)."""
+def training_subset(partition: str, context: int, frames: int, seed: int, utterances: int = 300):
+    """(spliced feats, labels) of ``frames`` random frames of ``utterances`` random training
+    utterances of one partition (Kaldi: combine.egs, 10000 frames of the 300 utterances of
+    train_subset_uttlist): many utterances, so that the weights fit no single speaker."""
     info = data.open_partition(partition, scan=False)
     rng = np.random.default_rng([seed, 0xC0B])
     lengths = np.diff(info.utt_offsets)
-    order = rng.permutation(len(lengths))
-    chosen = order[:int(np.searchsorted(np.cumsum(lengths[order]), frames)) + 1]
-    X, labels = data.read_spliced(info, np.sort(chosen), context, context)
-    keep = np.sort(rng.permutation(len(labels))[:frames])
-    return X[keep], labels[keep]
+    chosen = np.sort(rng.permutation(len(lengths))[:utterances])
+    pool = np.concatenate([np.full(lengths[u], u) for u in chosen])       # utterance of each frame
+    picked = np.sort(rng.permutation(len(pool))[:frames])
+    xs, ys = [], []
+    for u in chosen:
+        rows = picked[pool[picked] == u] - np.searchsorted(pool, u)          # frames within u
+        if len(rows):
+            X, labels = data.read_spliced(info, [u], context, context)
+            xs.append(X[rows])
+            ys.append(labels[rows])
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 class _Objective:

@@ -50,10 +50,10 @@ RECIPE = os.path.join(HERE, os.pardir, "configs", "kaldi_nnet2_pnorm.yaml")
 OPTIMIZERS = ("ng-online", "sgd")
 
 # The recipe made to fit a shared 2-core machine (docs/results.md, "Setup"): 3 x p-norm 500 -> 50,
-# 10k samples per rank between averages, the same 1.44M samples for every rank count.
-SIZE = {"pnorm_input_dim": 500, "pnorm_output_dim": 50, "samples_per_average": 10_000,
-        "total_samples": 1_440_000, "threads_per_rank": 1, "keep_last_k": 20, "combine_last_k": 20,
-        "lda_max_frames": 100_000, "combine_frames": 5_000}
+# 8192 samples per rank between averages, the same 960k samples for every rank count.
+SIZE = {"pnorm_input_dim": 500, "pnorm_output_dim": 50, "samples_per_average": 8192,
+        "total_samples": 960_000, "threads_per_rank": 1, "keep_last_k": 20, "combine_last_k": 20,
+        "lda_max_frames": 100_000, "combine_frames": 3_000, "combine_lbfgs_evals": 20}
 # Effective learning rates (initial, final); docs/results.md has the tuning runs.
 LR = {"ng-online": (0.02, 0.002), "sgd": (0.002, 0.0002)}
 PIECES = {"ramp": {"ranks_initial": 0},
@@ -66,7 +66,7 @@ PLAIN = {**{k: v for piece in PIECES.values() for k, v in piece.items()},
 
 # --quick: seconds on a tiny corpus; checks the plumbing, not the science.
 QUICK = {"context": 1, "pnorm_input_dim": 40, "pnorm_output_dim": 8, "rank_in": 4, "rank_out": 4,
-         "minibatch_size": 32, "samples_per_average": 256, "total_samples": 6_000,
+         "minibatch_size": 32, "samples_per_average": 256, "total_samples": 3_000,
          "combine_last_k": 4, "keep_last_k": 4, "combine_frames": 400, "combine_lbfgs_evals": 8}
 QUICK_LR = {name: (0.02, 0.002) for name in OPTIMIZERS}
 
@@ -83,8 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="optimizers (comma-separated)")
     p.add_argument("--ablation-ranks", default="1,4", help="rank counts of the ablation")
     p.add_argument("--sweep-ranks", default="1,2,4,8,16", help="rank counts of the jobs sweep")
-    p.add_argument("--seed-ranks", default="1,4,16", help="rank counts run with a second seed")
-    p.add_argument("--flat-ranks", default="8,16", help="rank counts run without the ramp (group flat)")
+    p.add_argument("--seed-ranks", default="1,16", help="rank counts run with a second seed")
+    p.add_argument("--flat-ranks", default="16", help="rank counts run without the ramp (group flat)")
     p.add_argument("--only", default="", help="comma-separated run names: train only these")
     p.add_argument("--lr", action="append", default=[], metavar="OPT=INITIAL:FINAL",
                    help="effective learning-rate schedule of one optimizer (repeatable)")
@@ -271,9 +271,10 @@ def train(run: dict, config_path: str, train_data: str, valid: str, lrs: dict, o
     log(f"{run['name']}: done in {wall:.0f} s")
 
 
-def score_run(run: dict, score_path: str, out: str) -> None:
+def score_run(run: dict, score_path: str, valid: str, out: str) -> None:
     """RUN/scores.json: objective and accuracy on OUT/data/score.h5 of final.h5, of the last
-    averaged model, and (full-recipe runs) of the best-suffix average of the checkpoints."""
+    averaged model, and (full-recipe runs) of the best-suffix average of the checkpoints
+    (the suffix chosen on the validation file, as ``combine_method: best-suffix`` would)."""
     run_dir = os.path.join(out, "runs", run["name"])
     path = os.path.join(run_dir, "scores.json")
     if os.path.exists(path) or not os.path.exists(os.path.join(run_dir, "final.h5")):
@@ -290,7 +291,8 @@ def score_run(run: dict, score_path: str, out: str) -> None:
     newest = Model.load(checkpoint.averaged_checkpoints(run_dir)[-1].model_path)
     scores = {"final": score(Model.load(os.path.join(run_dir, "final.h5"))), "last": score(newest)}
     if not run["off"]:
-        params, n = combine.combine_checkpoints(run_dir, info, SIZE["combine_last_k"], log=lambda _: None)
+        params, n = combine.combine_checkpoints(run_dir, data.open_partition(valid), SIZE["combine_last_k"],
+                                                log=lambda _: None)
         scores["best_suffix"] = {**score(newest.replace(params=params)), "models": n}
     with open(path, "w") as f:
         json.dump(scores, f, indent=1)
@@ -422,7 +424,7 @@ def main(argv=None) -> int:
         for run in runs:
             if not only or run["name"] in only:
                 train(run, config_path, train_data, valid, lrs, out)
-                score_run(run, score_path, out)
+                score_run(run, score_path, valid, out)
         log(f"sweep: {time.perf_counter() - t0:.0f} s")
     report(runs, out)
     return 0

@@ -2,7 +2,7 @@
 
 ``run_ranks(n, fn)`` calls ``fn(dist)`` on n threads, each with a real ``distributed.Dist``
 whose communicator is a :class:`ThreadComm`; the collectives the trainer uses (Allreduce,
-Bcast, Allgather, allgather, Barrier) exchange values through shared slots and a barrier.
+Iallreduce, Bcast, Allgather, allgather, Barrier) exchange values through shared slots and a barrier.
 That lets tests inject a Dist and check cross-rank logic (averaging safeguards, rollback,
 combination) in process, without mpiexec.
 """
