@@ -54,8 +54,9 @@ OPTIMIZERS = ("ng-online", "sgd")
 SIZE = {"pnorm_input_dim": 500, "pnorm_output_dim": 50, "samples_per_average": 8192,
         "total_samples": 960_000, "threads_per_rank": 1, "keep_last_k": 20, "combine_last_k": 20,
         "lda_max_frames": 100_000, "combine_frames": 3_000, "combine_lbfgs_evals": 20}
-# Effective learning rates (initial, final); docs/results.md has the tuning runs.
-LR = {"ng-online": (0.02, 0.002), "sgd": (0.002, 0.0002)}
+# Effective learning rates (initial, final): the best of 0.01/0.02/0.04/0.08 (ng-online) and
+# 0.001 ... 0.064 (sgd) on one rank, full recipe, 480k samples (docs/results.md).
+LR = {"ng-online": (0.04, 0.004), "sgd": (0.032, 0.0032)}
 PIECES = {"ramp": {"ranks_initial": 0},
           "pickbest": {"first_period_pick_best": False, "pick_best_after_growth": False},
           "growth": {"add_layers_period": 0},
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     src.add_argument("--data", help="prepared data: DIR/train/*.h5, DIR/valid.h5, DIR/score.h5")
     p.add_argument("--out", required=True, help="output directory (runs, plots, tables)")
     p.add_argument("--quick", action="store_true", help="tiny network and run lengths (smoke test)")
-    p.add_argument("--groups", default="ablation,sweep,seeds",
+    p.add_argument("--groups", default="ablation,sweep,flat,seeds",
                    help="comma-separated: ablation, sweep, seeds, plain, flat")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="optimizers (comma-separated)")
     p.add_argument("--ablation-ranks", default="1,4", help="rank counts of the ablation")
@@ -180,24 +181,21 @@ def plan(args) -> list[dict]:
                                      "seed": seed, "groups": []})
         run["groups"].append(group)
 
-    for o in optimizers:
-        if "ablation" in groups:
-            for n in ints(args.ablation_ranks):
-                add("ablation", o, n)
-                for piece in PIECES:
-                    if piece != "ramp" or n > 1:
-                        add("ablation", o, n, piece)
-        if "plain" in groups:
-            for n in ints(args.ablation_ranks):
-                add("plain", o, n, "plain")
-        if "sweep" in groups:
-            for n in ints(args.sweep_ranks):
-                add("sweep", o, n)
-        if "flat" in groups:
-            for n in ints(args.flat_ranks):
-                add("flat", o, n, "flat")
-        if "seeds" in groups:
-            for n in ints(args.seed_ranks):
+    # the optimizers alternate, so that a sweep cut short still compares them
+    if "ablation" in groups:
+        for n in ints(args.ablation_ranks):
+            for piece in [None] + [p for p in PIECES if p != "ramp" or n > 1]:
+                for o in optimizers:
+                    add("ablation", o, n, piece)
+    for group, ranks, off in (("plain", args.ablation_ranks, "plain"), ("sweep", args.sweep_ranks, None),
+                              ("flat", args.flat_ranks, "flat")):
+        if group in groups:
+            for n in ints(ranks):
+                for o in optimizers:
+                    add(group, o, n, off)
+    if "seeds" in groups:
+        for n in ints(args.seed_ranks):
+            for o in optimizers:
                 add("seeds", o, n)
                 add("seeds", o, n, seed=1)
     return list(runs.values())
@@ -364,21 +362,24 @@ def combination_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(rows: list[dict], out: str) -> list[str]:
-    """Validation curves with ngsgd-plot: one PNG per (group, optimizer[, ranks])."""
-    sets = []
+def plot_sets(rows: list[dict]):
+    """(PNG prefix, runs) of each figure: an ablation per optimizer and rank count, the sweep,
+    ramp against no ramp, the two seeds."""
     for o in OPTIMIZERS:
-        for n in sorted({r["ranks"] for r in rows if "ablation" in r["groups"]}):
-            sets.append((f"ablation_{o}_{n}r", [r for r in rows if "ablation" in r["groups"]
-                                                and r["optimizer"] == o and r["ranks"] == n]))
-        sets.append((f"sweep_{o}", [r for r in rows if "sweep" in r["groups"] and r["optimizer"] == o]))
-        sets.append((f"flat_{o}", [r for r in rows if r["optimizer"] == o and (
-            r["off"] == "flat" or ("sweep" in r["groups"] and r["ranks"] in {x["ranks"] for x in rows
-                                                                          if x["off"] == "flat"}))]))
-        sets.append((f"seeds_{o}", [r for r in rows if "seeds" in r["groups"] and r["optimizer"] == o]))
+        mine = [r for r in rows if r["optimizer"] == o]
+        for n in sorted({r["ranks"] for r in mine if "ablation" in r["groups"]}):
+            yield f"ablation_{o}_{n}r", [r for r in mine if "ablation" in r["groups"] and r["ranks"] == n]
+        yield f"sweep_{o}", [r for r in mine if "sweep" in r["groups"]]
+        flat = {r["ranks"] for r in mine if r["off"] == "flat"}
+        yield f"flat_{o}", [r for r in mine if r["ranks"] in flat and (r["off"] == "flat" or "sweep" in r["groups"])]
+        yield f"seeds_{o}", [r for r in mine if "seeds" in r["groups"]]
+
+
+def plots(rows: list[dict], out: str) -> list[str]:
+    """Validation curves with ngsgd-plot, one figure per plot set with at least two runs."""
     paths = []
-    for prefix, chosen in sets:
-        if len(chosen) < 2 or not any(r["off"] == "flat" for r in chosen) and prefix.startswith("flat"):
+    for prefix, chosen in plot_sets(rows):
+        if len(chosen) < 2:
             continue
         cmd = [sys.executable, "-m", "ngsgd_mpi.plot", "--out-dir", os.path.join(out, "plots"),
                "--prefix", prefix, "--series", "valid", "--labels", ",".join(r["name"] for r in chosen)]

@@ -84,6 +84,9 @@ def test_plan_names_and_bad_options():
     names = [r["name"] for r in runs]
     assert names[:5] == ["ng-online-1r", "ng-online-1r-no-pickbest", "ng-online-1r-no-growth",
                          "ng-online-1r-no-prior", "ng-online-1r-no-lda"]
+    both = module.plan(module.parse_args(["--data", "d", "--out", "o", "--groups", "sweep",
+                                          "--sweep-ranks", "1,2"]))
+    assert [r["name"] for r in both] == ["ng-online-1r", "sgd-1r", "ng-online-2r", "sgd-2r"]
     assert "ng-online-1r-no-ramp" not in names and "ng-online-4r-no-ramp" in names
     assert "ng-online-4r-plain" in names
     assert module.options_of(runs[2]) == {"add_layers_period": 0, "seed": 0}
