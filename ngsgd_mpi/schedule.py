@@ -59,9 +59,6 @@ class Period:
     lr_per_rank: float         # the rate each active rank steps with
     last: bool                 # the last period of the run
 
-    def is_active(self, rank: int) -> bool:
-        return rank in self.active
-
 
 @dataclass(frozen=True)
 class Plan:
