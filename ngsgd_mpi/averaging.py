@@ -1,10 +1,14 @@
 """What the ranks' models become at the end of a period (Kaldi's safeguards around the average).
 
-* Normally: the average of every rank's parameters (one Allreduce of the flat buffer).
-* ``outlier_threshold`` > 0 (nnet3's ``get_successful_models``): ranks whose training
-  objective is more than that many nats/frame below the best rank's are left out (weight 0).
-* ``pick_best`` (nnet2's iteration 0): no average; every rank takes the parameters of the rank
-  with the best training objective.
+Only the period's *active* ranks (schedule.py: the job ramp) trained; the idle ones take
+weight 0 and receive the result like everyone else.
+
+* Normally: the average of the active ranks' parameters (one Allreduce of the flat buffer,
+  idle ranks contributing weight 0).
+* ``outlier_threshold`` > 0 (nnet3's ``get_successful_models``): active ranks whose training
+  objective is more than that many nats/frame below the best active rank's are left out too.
+* ``pick_best`` (nnet2's iteration 0, and the period after a layer was added): no average;
+  every rank takes the parameters of the active rank with the best training objective.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 @dataclass
 class Outcome:
     picked: int | None = None                           # the rank copied instead of averaging
-    excluded: list[int] = field(default_factory=list)   # ranks left out of the average
+    excluded: list[int] = field(default_factory=list)   # active ranks left out of the average
 
     @property
     def note(self) -> str | None:
@@ -30,16 +34,20 @@ class Outcome:
 
 
 def combine_ranks(dist, params, rank_objectives: np.ndarray, pick_best: bool,
-                  outlier_threshold: float) -> Outcome:
-    """Replace ``params`` (this rank's flat buffer) in place by what every rank agrees on;
-    ``rank_objectives`` are all ranks' training objectives (the same on every rank)."""
+                  outlier_threshold: float, active=None) -> Outcome:
+    """Replace ``params`` (this rank's flat buffer) in place by what every rank agrees on.
+    ``rank_objectives``: all ranks' training objectives (the same on every rank; idle ranks'
+    entries are ignored); ``active``: the ranks that trained (None: all)."""
     objs = np.asarray(rank_objectives, np.float64)
+    trained = np.zeros(len(objs), bool)
+    trained[list(range(len(objs)) if active is None else active)] = True
+    best_obj = objs[trained].max()
     if pick_best:
-        best = int(np.argmax(objs))
+        best = int(np.flatnonzero(trained & (objs == best_obj))[0])
         dist.broadcast_(params, root=best)
         return Outcome(picked=best)
-    keep = np.ones(len(objs), bool)
+    keep = trained.copy()
     if outlier_threshold > 0:
-        keep = objs >= objs.max() - outlier_threshold
+        keep &= objs >= best_obj - outlier_threshold
     dist.average_(params, weight=float(keep[dist.rank]), total_weight=float(keep.sum()))
-    return Outcome(excluded=[int(r) for r in np.flatnonzero(~keep)])
+    return Outcome(excluded=[int(r) for r in np.flatnonzero(trained & ~keep)])

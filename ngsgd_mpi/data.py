@@ -618,3 +618,24 @@ def iterate_utterance_blocks(info: PartitionInfo, context_left: int, context_rig
             yield splice(feats, order, us, ue, offsets), labels.astype(np.int64)
     finally:
         stream.close()
+
+
+def read_spliced(info: PartitionInfo, utterances, context_left: int, context_right: int):
+    """(spliced float32 feats, int64 labels) of the chosen utterances of a partition (indices
+    in file order), concatenated; for the recipe's statistics and combination subsets."""
+    offsets = splice_offsets(context_left, context_right)
+    reader = PartitionReader(info)
+    xs, ys = [], []
+    try:
+        for u in utterances:
+            feats, labels = reader.read(int(u))
+            n = len(labels)
+            frames = np.arange(n)
+            xs.append(splice(feats.astype(np.float32), frames, np.zeros(n, np.int64),
+                             np.full(n, n, np.int64), offsets))
+            ys.append(labels.astype(np.int64))
+    finally:
+        reader.close()
+    if not xs:
+        return np.zeros((0, info.feat_dim * len(offsets)), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys)

@@ -55,6 +55,9 @@ from .faults import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_RANK_LOST, AgreedInputError
 
 TAG_QUERY, TAG_REPLY = 0x5EED, 0x5EEE
 
+SPIN_SECONDS = 2e-4             # any_flags: test a pending collective this long without sleeping,
+POLL_SECONDS = 1e-3             # then sleep this long between tests
+
 
 def _mpi():
     # MPICH's default multi-node Allreduce sums within each node first, so where the ranks run
@@ -189,12 +192,24 @@ class Dist:
         return result
 
     def any_flags(self, flag: int, what: str = "the stop/divergence agreement") -> int:
-        """Bitwise OR of a small integer over ranks (stop / divergence agreement)."""
+        """Bitwise OR of a small integer over ranks (stop / divergence agreement).
+
+        A non-blocking Allreduce, waited for by spinning briefly and then sleeping between
+        tests: a rank that waits long (an idle rank of the job ramp, everyone while rank 0
+        validates) leaves the CPU to the ranks that work, which matters when ranks share cores."""
         if self.size == 1:
             return int(flag)
         value = np.array([flag], np.int64)
-        self._collective(what, self.comm.Allreduce, self.MPI.IN_PLACE, value, self.MPI.BOR)
+        self._collective(what, self._wait_politely, self.comm.Iallreduce(self.MPI.IN_PLACE, value,
+                                                                          op=self.MPI.BOR))
         return int(value[0])
+
+    @staticmethod
+    def _wait_politely(request) -> None:
+        spin_until = time.perf_counter() + SPIN_SECONDS
+        while not request.Test():
+            if time.perf_counter() > spin_until:
+                time.sleep(POLL_SECONDS)
 
     def _staging_for(self, buf) -> np.ndarray:
         if (self._host_staging is None or self._host_staging.shape != buf.shape

@@ -44,6 +44,8 @@ Components:
   updater (optim.py, (U1)-(U4)) and returns ``G A`` with the pre-update parameters.
 * :class:`FixedAffine`    ``Y = X M^T + m0``: non-trained input transform
   (feature mean/variance normalisation, LDA-like transforms).
+* :class:`FixedScale`     ``Y = X diag(s)``: non-trained per-output scale (the
+  recipes' pre-softmax prior scaling).
 * :class:`Pnorm`          groups of ``G`` contiguous inputs,
   ``y_j = (sum_{k in j} |x_k|^p)^{1/p}`` (p = 1, 2, inf, or any p >= 1).
   ``dx_k = dy_j sign(x_k) |x_k|^{p-1} y_j^{1-p}``, and 0 when ``y_j == 0``;
@@ -186,6 +188,30 @@ class FixedAffine:
         Y = X @ self.matrix.T
         Y += self.bias
         return Y
+
+
+class FixedScale:
+    """Non-trained per-dimension scale ``Y = X diag(s)`` (Kaldi FixedScaleComponent; the
+    recipes put one before the softmax with ``s ~ prior^-0.25``).  No cache: backward
+    scales ``out_deriv`` in place and returns it."""
+
+    def __init__(self, scales):
+        if scales.ndim != 1:
+            raise ValueError(f"FixedScale: scales must be a vector, got shape {tuple(scales.shape)}")
+        self.scales = scales
+
+    @property
+    def dim(self) -> int:
+        return self.scales.shape[0]
+
+    def forward(self, X, train: bool = True):
+        _check_matrix(X, self.dim, "FixedScale.forward input")
+        xp = backend.array_module(X)
+        return xp.multiply(X, self.scales, out=X if train else None)   # X: the affine output, private
+
+    def backward(self, out_deriv):
+        out_deriv *= self.scales
+        return out_deriv
 
 
 class Pnorm:

@@ -5,16 +5,20 @@ A *period record* (written once per average, by rank 0) has::
     period, num_periods            averages done / planned
     samples                        samples processed by all ranks so far
     lr, lr_per_rank                effective learning rate and the one each rank stepped with
-    train_obj, train_acc           mean over ranks of the period's log-prob/frame and accuracy
-    rank_train_obj                 the same objective per rank
+    train_obj, train_acc           mean over the active ranks of the period's log-prob/frame and accuracy
+    rank_train_obj                 the same objective per rank (None: the rank was idle)
+    active_ranks                   ranks that trained in the period (the job ramp; else all)
+    num_hidden_layers              depth of the network it trained (layer-wise growth)
     valid_obj, valid_acc           on the validation file (None without one)
     frames_per_sec, elapsed, eta   speed (all ranks), seconds since the start, estimate to the end
     time_compute, time_data_wait   seconds per rank in the step / waiting for data (mean over ranks)
     time_allreduce                 seconds in the average
     note                           optional: what the average did differently (pick best, outliers)
 
-An *event record* has ``period`` (the period it happened in), ``event`` (e.g. "divergence")
-and ``message``, plus fields of its own.  :func:`read_metrics` is the one reader
+An *event record* has ``period`` (the period it happened in), ``event`` and ``message``,
+plus fields of its own: "divergence" (``lr_factor``, ``retries``) and "pick_best" (the period
+ended by keeping the best active rank's model instead of averaging: ``rank``, ``reason``
+"first period" or "a layer was added"; written just before that period's record).  :func:`read_metrics` is the one reader
 (``ngsgd-plot``, the experiment scripts and the tests use it).
 """
 

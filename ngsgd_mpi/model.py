@@ -6,6 +6,9 @@
     params        (P,) float32    the flat parameter buffer (layout: network.py)
     input_mean    (D,) float32    fixed input normalisation per spliced input dimension
     input_std     (D,) float32      (absent when input_normalization was off)
+    input_transform_matrix (D, D) float32  LDA-like fixed input transform y = M x + m0
+    input_transform_bias   (D,)   float32    (lda_transform; then there is no input_mean/std)
+    output_scale  (C,) float32    fixed scale before the softmax (prior_scale_power)
     class_counts  (C,) float64    training frames per class (label frequencies)
     class_priors  (C,) float64    class_counts / their sum
     posterior_priors (C,) float64 the average posterior of the final model over training frames
@@ -16,7 +19,7 @@
           (period, batch, samples, combined_models)
 
 The input pipeline of a frame is: CMVN (input_pipeline) -> splicing (context) -> normalisation
-(input_mean / input_std) -> the network.
+(input_mean / input_std) or the LDA-like transform -> the network (output_scale before its softmax).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class Model:
     info: dict = field(default_factory=dict)      # period, batch, samples, combined_models
     posterior_priors: np.ndarray | None = None    # (C,) average posterior over training frames
     input_pipeline: InputPipeline | None = None   # CMVN and targets (None: unknown)
+    input_transform: tuple[np.ndarray, np.ndarray] | None = None   # (M, m0) of an LDA-like transform
+    output_scale: np.ndarray | None = None        # per-class scale before the softmax
 
     @property
     def feat_dim(self) -> int:
@@ -71,6 +76,10 @@ class Model:
         network = Network(self.network_config, params=self.params)
         if self.input_mean is not None:
             network.set_input_normalization(self.input_mean, self.input_std)
+        if self.input_transform is not None:
+            network.set_input_transform(*self.input_transform)
+        if self.output_scale is not None:
+            network.set_output_scale(self.output_scale)
         return network
 
     def save(self, path: str) -> None:
@@ -78,6 +87,11 @@ class Model:
         if self.input_mean is not None:
             record["input_mean"] = np.asarray(self.input_mean, np.float32)
             record["input_std"] = np.asarray(self.input_std, np.float32)
+        if self.input_transform is not None:
+            record["input_transform_matrix"] = np.asarray(self.input_transform[0], np.float32)
+            record["input_transform_bias"] = np.asarray(self.input_transform[1], np.float32)
+        if self.output_scale is not None:
+            record["output_scale"] = np.asarray(self.output_scale, np.float32)
         if self.class_counts is not None:
             record["class_counts"] = np.asarray(self.class_counts, np.float64)
             record["class_priors"] = self.class_priors
@@ -127,4 +141,16 @@ class Model:
                 pipeline = InputPipeline.from_dict(pipeline, f"{path}: input_pipeline")
         except PipelineError as exc:
             raise ModelError(str(exc)) from None
-        return cls(net_cfg, params, context, mean, std, counts, train_config, meta, priors, pipeline)
+        matrix, bias = record.get("input_transform_matrix"), record.get("input_transform_bias")
+        dim = net_cfg.input_dim
+        if (matrix is None) != (bias is None) or (matrix is not None and not (
+                matrix.shape == (dim, dim) and bias.shape == (dim,) and np.all(np.isfinite(matrix))
+                and np.all(np.isfinite(bias)))):
+            raise ModelError(f"{path}: input_transform_matrix/_bias must both be finite, ({dim}, {dim}) "
+                             f"and ({dim},)")
+        scale = record.get("output_scale")
+        if scale is not None and (scale.shape != (net_cfg.num_classes,) or not np.all(np.isfinite(scale))
+                                  or np.any(scale <= 0)):
+            raise ModelError(f"{path}: output_scale must be ({net_cfg.num_classes},) positive values")
+        return cls(net_cfg, params, context, mean, std, counts, train_config, meta, priors, pipeline,
+                   None if matrix is None else (matrix, bias), scale)

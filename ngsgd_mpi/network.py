@@ -2,7 +2,7 @@
 
 Architecture (spec §7)::
 
-    [FixedAffine]  ->  (Affine -> Pnorm -> Normalize) x H  ->  Affine  ->  SoftmaxCrossEntropy
+    [FixedAffine]  ->  (Affine -> Pnorm -> Normalize) x H  ->  Affine  ->  [FixedScale]  ->  SoftmaxCrossEntropy
                    or  (Affine -> Relu  -> Normalize) x H
 
 * The optional FixedAffine input transform (mean/variance normalisation or
@@ -22,6 +22,11 @@ layer starts at zero, so the initial model predicts the uniform distribution.
 Draws come from ``numpy.random.default_rng(seed)`` on the host, layer by
 layer (A then b), and are copied to the device once.
 
+Layer-wise growth (Kaldi's ``nnet-insert``): :func:`insert_hidden_layer` returns a *new*
+Network with one more hidden block before the final affine layer.  Its flat buffer has a
+new layout (every offset after the insertion point moves), so anything tied to the old
+buffer (the updater, its state, a snapshot) must be made again for the new network.
+
 Training pass: ``forward(X, train=True)`` caches what ``backward`` needs;
 ``backward(labels)`` leaves each affine layer's input X and output
 derivative G (``layer.input``, ``layer.out_deriv``) for the updater
@@ -36,10 +41,12 @@ import math
 import numpy as np
 
 from ngsgd_mpi import backend
-from ngsgd_mpi.layers import Affine, FixedAffine, Normalize, Pnorm, Relu, SoftmaxCrossEntropy
+from ngsgd_mpi.layers import Affine, FixedAffine, FixedScale, Normalize, Pnorm, Relu, SoftmaxCrossEntropy
 from ngsgd_mpi.options import DATA_SIZES, in_groups, record_class
 
 HIDDEN_BIAS_STDDEV = 0.5     # Kaldi recipes' bias-stddev for hidden affine layers
+INSERT_STDDEV_FACTOR = 0.1   # nnet-insert --stddev-factor: the final layer's re-initialisation
+PRIOR_SMOOTHING = 0.01       # the recipes add 1% of the average class count to every count
 
 
 class NetworkConfig(record_class("NetworkConfig", in_groups("network"), leading=DATA_SIZES)):
@@ -106,6 +113,7 @@ class Network:
             self.layers.append(Normalize(config.hidden_output_dim))
         self.layers += [self.affine_layers[-1], SoftmaxCrossEntropy(config.num_classes)]
         self.input_transform: FixedAffine | None = None
+        self.output_scale: FixedScale | None = None
 
     # ------------------------------------------------------------------ parameters
 
@@ -118,11 +126,7 @@ class Network:
         for index, (out_dim, in_dim) in enumerate(shapes):
             size = out_dim * in_dim
             if index < len(shapes) - 1:        # hidden layer; the final one stays zero
-                stddev = 1.0 / math.sqrt(cfg.pnorm_input_dim if cfg.nonlinearity == "pnorm"
-                                         else in_dim)
-                flat[offset:offset + size] = stddev * rng.standard_normal(size)
-                flat[offset + size:offset + size + out_dim] = (
-                    HIDDEN_BIAS_STDDEV * rng.standard_normal(out_dim))
+                flat[offset:offset + size + out_dim] = _hidden_init(cfg, in_dim, out_dim, rng)
             offset += size + out_dim
         return flat
 
@@ -184,6 +188,19 @@ class Network:
                              f"{tuple(std.shape)}")
         self.input_transform = FixedAffine.from_mean_std(mean, std)
 
+    def set_output_scale(self, scales) -> None:
+        """Install (or replace) a fixed per-class scale of the final affine layer's output,
+        before the softmax (Kaldi FixedScaleComponent)."""
+        xp = backend.xp()
+        scales = xp.asarray(scales, dtype=self.dtype)
+        if scales.shape != (self.config.num_classes,):
+            raise ValueError(f"output scale: expected shape ({self.config.num_classes},), "
+                             f"got {tuple(scales.shape)}")
+        if self.output_scale is not None:
+            self.layers.remove(self.output_scale)
+        self.output_scale = FixedScale(scales)
+        self.layers.insert(len(self.layers) - 1, self.output_scale)
+
     # ------------------------------------------------------------------ passes
 
     def _check_input(self, X) -> None:
@@ -242,3 +259,57 @@ class Network:
 
     def log_probs(self, X):
         return self.forward(X, train=False)
+
+
+# ----------------------------------------------------------------------------- recipe helpers
+
+def _hidden_init(cfg: NetworkConfig, in_dim: int, out_dim: int, rng) -> np.ndarray:
+    """[A, b] of a fresh hidden affine layer (row-major A, then b): the recipes' param-stddev
+    and bias-stddev (module docstring)."""
+    stddev = 1.0 / math.sqrt(cfg.pnorm_input_dim if cfg.nonlinearity == "pnorm" else in_dim)
+    return np.concatenate([stddev * rng.standard_normal(out_dim * in_dim),
+                           HIDDEN_BIAS_STDDEV * rng.standard_normal(out_dim)])
+
+
+def insert_hidden_layer(network: Network, seed) -> Network:
+    """A new network with one more hidden block inserted before the final affine layer
+    (Kaldi: ``nnet-init hidden.config | nnet-insert``).
+
+    The existing hidden layers keep their parameters; the new one is initialised like the
+    initial hidden layers; the final affine layer is re-initialised as ``nnet-insert`` does
+    by default (set to zero, then ``N(0, (0.1 / sqrt(fan_in))^2)`` added to A and b).  The
+    input transform and output scale carry over.  ``seed`` (an int or a sequence of ints)
+    seeds the new draws.  The result is a new buffer layout (module docstring)."""
+    cfg = network.config
+    if cfg.num_hidden_layers < 1:
+        raise ValueError("insert_hidden_layer: the network needs at least one hidden layer")
+    grown = cfg.replace(num_hidden_layers=cfg.num_hidden_layers + 1)
+    old = backend.to_host(network.params)
+    kept = sum(o * i + o for o, i in cfg.affine_shapes()[:-1])       # hidden layers, unchanged
+    rng = np.random.default_rng(seed)
+    new_out, new_in = grown.affine_shapes()[-2]
+    final_out, final_in = grown.affine_shapes()[-1]
+    final_stddev = INSERT_STDDEV_FACTOR / math.sqrt(final_in)
+    params = np.concatenate([old[:kept], _hidden_init(grown, new_in, new_out, rng),
+                             final_stddev * rng.standard_normal(final_out * final_in + final_out)])
+    result = Network(grown, params=params.astype(network.dtype), dtype=network.dtype)
+    result.input_transform = network.input_transform
+    if network.output_scale is not None:
+        result.set_output_scale(network.output_scale.scales)
+    return result
+
+
+def presoftmax_prior_scale(class_counts, power: float) -> np.ndarray:
+    """The recipes' FixedScaleComponent before the softmax (train_pnorm_simple2.sh's awk on
+    ``post-to-tacc --per-pdf`` counts): smoothed priors to the power ``power`` (-0.25),
+    normalised to mean 1.
+
+        a = int(total / C);  p_i = (n_i + 0.01 a) / (total + 0.01 a C);  s_i = p_i^power / mean_j p_j^power
+    """
+    counts = np.asarray(class_counts, np.float64)
+    # awk's int() truncates; at least 1 so that an unseen class (count 0) still gets a finite
+    # scale when there are fewer frames than classes (Kaldi would divide by zero there)
+    average = max(1.0, float(int(counts.sum() / counts.size)))
+    smoothed = counts + PRIOR_SMOOTHING * average
+    scales = (smoothed / smoothed.sum()) ** power
+    return scales / scales.mean()

@@ -191,18 +191,50 @@ OPTIONS_LIST: list[Option] = [
                kaldi="--final-effective-lrate"),
         Option("lr_scale_by_ranks", bool, True, "each rank uses N x the effective rate (the paper's rule)",
                kaldi="learning rate x num_jobs"),
-        Option("ng_reset_on_average", bool, False, "re-initialise NG state after each average",
-               kaldi="preconditioner state is not saved with the model"),
+        Option("ng_reset_on_average", bool, True, "re-initialise NG state after each average",
+               kaldi="nnet2 writes no preconditioner state with the model: every job starts fresh"),
         Option("checkpoint_every", int, 1, "write a checkpoint every this many averages", minimum=1),
         Option("keep_last_k", int, 0, "keep only the newest k checkpoints (0 = keep all)", minimum=0),
-        Option("combine_last_k", int, 20, "final model: best average of up to this many last averaged "
-               "models on the validation set (0/1 = the last model)", minimum=0,
-               kaldi="--num-iters-final (nnet-combine-fast)"),
+        Option("combine_last_k", int, 20, "final model: combination of up to this many last averaged "
+               "models of the final depth (0/1 = the last model)", minimum=0,
+               kaldi="--max-models-combine"),
+        Option("combine_method", str, "best-suffix", "lbfgs: one weight per (model, layer) fitted on "
+               "training frames; best-suffix: the best average of the last n on the validation set",
+               choices=("lbfgs", "best-suffix"), kaldi="nnet-combine-fast --initial-model=100000 (lbfgs)"),
+        Option("combine_frames", int, 10_000, "lbfgs: training frames the combination weights are fitted on",
+               minimum=1, kaldi="get_egs2.sh --num-train-frames-combine (combine.egs)"),
+        Option("combine_lbfgs_evals", int, 40, "lbfgs: objective evaluations", minimum=1,
+               kaldi="nnet-combine-fast --num-lbfgs-iters"),
+        Option("normalize_stddev", bool, False, "after the final combination, rescale every hidden affine "
+               "layer to parameter stddev 1 (the network's function is unchanged)",
+               kaldi="nnet-normalize-stddev"),
+    ),
+    *_group(
+        "recipe",
+        Option("ranks_initial", int, 0, "job ramp: ranks that train in the first period, rising to all "
+               "ranks by the last; the others idle (0 = all ranks throughout)", minimum=0,
+               kaldi="--num-jobs-initial (--num-jobs-final: the number of ranks)"),
+        Option("add_layers_period", int, 0, "start with one hidden layer and add one before every this "
+               "many periods until num_hidden_layers (0 = off)", minimum=0,
+               kaldi="--add-layers-period (nnet-insert)"),
+        Option("pick_best_after_growth", bool, True, "add_layers_period: the period that starts with a new "
+               "layer ends by taking the best rank (half-size minibatches) instead of averaging",
+               kaldi="do_average=false when a layer was just added"),
+        Option("prior_scale_power", float, 0.0, "fixed scale of the softmax input: smoothed class prior "
+               "to this power, normalised to mean 1 (0 = off)", below=1,
+               kaldi="--presoftmax-prior-scale-power (FixedScaleComponent)"),
+        Option("lda_transform", bool, False, "LDA-like fixed input transform estimated from the training "
+               "data (replaces input_normalization)",
+               kaldi="get_lda.sh, nnet-get-feature-transform (FixedAffineComponent)"),
+        Option("lda_max_frames", int, 200_000, "lda_transform: statistics from about this many training "
+               "frames (every k-th utterance; 0 = all)", minimum=0,
+               kaldi="get_lda.sh --num-feats (utterances)"),
     ),
     *_group(
         "safeguards",
         Option("first_period_pick_best", bool, False, "after the first period take the rank with the "
-               "best training objective instead of averaging", kaldi="iteration 0: best job, no average"),
+               "best training objective instead of averaging (that period: half-size minibatches)",
+               kaldi="iteration 0: best job, no average, minibatch halved"),
         Option("outlier_threshold", float, 1.0, "leave out of an average any rank whose training objective "
                "is this many nats/frame below the best (0 = off)", minimum=0,
                kaldi="nnet3 get_successful_models difference_threshold"),

@@ -6,7 +6,8 @@ Each argument is a run directory (its ``metrics.jsonl`` is read) or a
 metrics file.  Writes two PNGs: ``<prefix>_samples.png`` (objective and frame
 accuracy against samples processed, all ranks) and ``<prefix>_time.png``
 (the same against wall time).  Training figures are solid lines, validation
-figures dashed (when the run had a validation set).  Records with an
+figures dashed (when the run had a validation set); ``--series valid`` (or
+``train``) draws only those.  Records with an
 ``"event"`` key (e.g. a divergence that was rolled back) are not data points;
 they are marked with a dotted vertical line where the run was when it
 happened.
@@ -54,9 +55,9 @@ def _time_axis(runs: list[Run]) -> tuple[float, str]:
     return 1.0, "wall time (s)"
 
 
-def plot_runs(runs: list[Run], out_prefix: str) -> list[str]:
+def plot_runs(runs: list[Run], out_prefix: str, series: str = "both") -> list[str]:
     """Write ``<out_prefix>_samples.png`` and ``<out_prefix>_time.png``;
-    returns their paths."""
+    returns their paths.  ``series``: both, train or valid figures."""
     try:
         import matplotlib  # noqa: PLC0415 - optional dependency, only for plotting
         matplotlib.use("Agg")
@@ -74,13 +75,15 @@ def plot_runs(runs: list[Run], out_prefix: str) -> list[str]:
             color = colors[index % len(colors)]
             x = [r[key] / scale for r in run.records]
             for ax, name, factor in ((ax_obj, "obj", 1.0), (ax_acc, "acc", 100.0)):
-                ax.plot(x, [r[f"train_{name}"] * factor for r in run.records], "-o", ms=3,
-                        color=color, label=f"{run.label} train")
+                if series != "valid":
+                    ax.plot(x, [r[f"train_{name}"] * factor for r in run.records], "-o", ms=3,
+                            color=color, label=f"{run.label} train")
                 valid = [(xi, r[f"valid_{name}"] * factor) for xi, r in zip(x, run.records)
                          if isinstance(r.get(f"valid_{name}"), (int, float))
                          and math.isfinite(r[f"valid_{name}"])]
-                if valid:
-                    ax.plot(*zip(*valid), "--s", ms=3, color=color, label=f"{run.label} valid")
+                if valid and series != "train":
+                    ax.plot(*zip(*valid), "--s" if series == "both" else "-", ms=3, color=color,
+                            label=f"{run.label} valid")
                 for event in run.events:
                     ax.axvline(event[key] / scale, color=color, ls=":", lw=1)
             if run.events:     # one legend entry per run for its events
@@ -110,6 +113,8 @@ def main(argv=None) -> int:
                                      "(default: the run directory names)")
     ap.add_argument("--out-dir", default=".", help="where to write the PNGs")
     ap.add_argument("--prefix", default="convergence", help="PNG file name prefix")
+    ap.add_argument("--series", choices=("both", "train", "valid"), default="both",
+                    help="which figures to draw (default both)")
     args = ap.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [None] * len(args.runs)
     if len(labels) != len(args.runs):
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
     try:
         runs = [load_run(path, label) for path, label in zip(args.runs, labels)]
         os.makedirs(args.out_dir, exist_ok=True)
-        paths = plot_runs(runs, os.path.join(args.out_dir, args.prefix))
+        paths = plot_runs(runs, os.path.join(args.out_dir, args.prefix), args.series)
     except (ValueError, RuntimeError) as exc:
         sys.stderr.write(f"ngsgd-plot: error: {exc}\n")
         return 2

@@ -1,8 +1,17 @@
 """The SPMD training driver: every rank runs :func:`train`; read it top to bottom.
 
-Each rank trains its own copy of the network on its own partitions for a *period*
-(``schedule.Plan``), then the ranks combine their parameters (``averaging.combine_ranks``:
-one Allreduce of the flat buffer) and continue from the result.
+Each active rank trains its own copy of the network on its own partitions for a *period*
+(``schedule.Plan``: which ranks train, how deep the network is, the learning rate), then the
+ranks combine their parameters (``averaging.combine_ranks``: one Allreduce of the flat
+buffer, or the best rank's model) and continue from the result.
+
+Kaldi's nnet2 recipe around the optimizer (configs/kaldi_nnet2_pnorm.yaml switches it all on):
+the job ramp (``ranks_initial``; idle ranks wait in the period's collectives), pick-best
+periods with half-size minibatches (``first_period_pick_best``, and after each new layer),
+layer-wise growth (``add_layers_period``: a new network and updater, see
+``network.insert_hidden_layer``), the LDA-like input transform (``lda_transform``) and the
+pre-softmax prior scale (``prior_scale_power``) estimated in :func:`initial_model`, and the
+final combination (``combine_method``).
 
 Faults (docs/reliability.md):
 * Bad input anywhere (config, out_dir, partitions, device, checkpoints) -> every rank finds
@@ -30,13 +39,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import averaging, backend, checkpoint, combine, config, data, evaluation, priors
+from . import averaging, backend, checkpoint, combine, config, data, evaluation, lda, priors
 from .faults import EXIT_DIVERGED, EXIT_OK, EXIT_STOPPED, AgreedInputError, DivergedError, InputError, \
     StopRequest, report_bad_input
 from .kaldi.pipeline import read_pipeline
 from .metrics import MetricsLog
 from .model import Model
-from .network import Network, NetworkConfig
+from .network import Network, NetworkConfig, insert_hidden_layer, presoftmax_prior_scale
 from .optim import OptimizerConfig, make_updater
 from .options import ConfigError, fixed_differences, subset
 from .schedule import Plan
@@ -64,6 +73,11 @@ class Progress:
         """Clear the current period's counters (a new period, or a diverged one redone)."""
         self.batch, self.obj, self.correct, self.t_wait, self.t_compute = 0, 0.0, 0.0, 0.0, 0.0
 
+    def advance(self, batch, wait: float, compute: float) -> None:
+        """After a minibatch: the data cursor and the period's time sums."""
+        self.epoch, self.frame = batch.epoch, batch.frame_in_epoch
+        self.t_wait, self.t_compute = self.t_wait + wait, self.t_compute + compute
+
     def end_period(self, samples: int) -> None:
         self.period, self.samples = self.period + 1, self.samples + samples
         self.start_period()
@@ -83,12 +97,11 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
         # inputs, model, optimizer, schedule (bad input on any rank: all stop, nothing written)
         threads, infos, valid = check_inputs(cfg, dist, log)
         model, corpus_frames = dist.agree(lambda: initial_model(cfg, dist, infos))
-        network = model.network()
-        updater = make_updater(network, subset(cfg, OptimizerConfig))
         plan = Plan.make(cfg, dist.size, corpus_frames)
         dist.agree(lambda: dist.rank or checkpoint.claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite,
                                                                  log.info), "the claim of out_dir")
-        prog = resume(cfg, dist, model, network, updater, log) if cfg.resume else Progress()
+        prog, model, network, updater = (resume(cfg, dist, model, log) if cfg.resume
+                                         else (Progress(), model, *learner(cfg, model)))
         num_periods = plan.num_periods(prog.period, prog.samples)
         announce(cfg, dist, log, threads, model, corpus_frames, plan, num_periods)
         stream = data.MinibatchStream(infos, cfg.minibatch_size, cfg.context, cfg.context, cfg.seed,
@@ -96,22 +109,25 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
         batches = data.Prefetcher(iter(stream), depth=cfg.prefetch_batches)
         start_time = time.perf_counter() - prog.elapsed
         while prog.period < num_periods:
+            period = plan.period(prog.period, prog.samples)
+            if network.config.num_hidden_layers < period.hidden_layers:       # layer-wise growth
+                model, network, updater = grow(cfg, model, network, period.index, log)
+            active = dist.rank in period.active
             snapshot = (backend.to_host(network.params).copy(), updater.state_dict())
-            lr = plan.learning_rate(prog.samples) * prog.lr_factor
+            lr, lr_per_rank = period.lr * prog.lr_factor, period.lr_per_rank * prog.lr_factor
             t_period, first_batch, flags = time.perf_counter(), prog.batch, 0
             while prog.batch < plan.batches_per_period:
-                # forward backward update
-                t0 = time.perf_counter()
-                batch = next(batches)
-                t1 = time.perf_counter()
-                if not flags & DIVERGED:
-                    flags |= train_step(network, updater, batch, lr * plan.lr_scale, prog)
-                prog.epoch, prog.frame, prog.batch = batch.epoch, batch.frame_in_epoch, prog.batch + 1
-                prog.t_wait, prog.t_compute = prog.t_wait + t1 - t0, prog.t_compute + time.perf_counter() - t1
-                # stop / divergence agreement
+                if active:   # forward backward update (half-size steps in pick-best periods)
+                    t0, batch = time.perf_counter(), next(batches)
+                    t1 = time.perf_counter()
+                    for step in split(batch, plan.minibatch_for(period)):
+                        flags |= flags & DIVERGED or train_step(network, updater, step, lr_per_rank, prog)
+                    prog.advance(batch, t1 - t0, time.perf_counter() - t1)
+                prog.batch += 1
+                # stop / divergence agreement (idle ranks just wait here)
                 last = prog.batch == plan.batches_per_period
                 if last or prog.batch % cfg.signal_check_every == 0:
-                    if last and not params_finite(network):
+                    if last and active and not params_finite(network):
                         flags |= DIVERGED
                     flags = dist.any_flags(flags | (STOP if stop.requested else 0),
                                            f"the stop/divergence agreement in period {prog.period + 1}")
@@ -124,15 +140,17 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
                 save(cfg, dist, model, network, updater, prog, start_time, scheduled=False)
                 return stopped(log, f"in period {prog.period + 1} after minibatch {prog.batch}")
 
-            # average (or redo a period that ended far worse than chance: divergence_action)
-            rec, diverged = finish_period(cfg, dist, model, network, updater, prog, valid, plan, log)
+            # average or pick the best active rank (or redo a period that ended far worse than
+            # chance: divergence_action)
+            rec, diverged = finish_period(cfg, dist, model, network, updater, prog, valid, plan, period, log)
             if diverged:
                 roll_back(cfg, network, updater, snapshot, prog, log, diverged)
                 continue
-            prog.end_period(plan.samples_per_period)
+            prog.end_period(len(period.active) * plan.frames_per_period)
 
             # timing and logging
-            log.record(period_record(rec, prog, plan, dist, lr, num_periods, start_time, t_period, first_batch))
+            log.record(period_record(rec, prog, plan, period, lr, lr_per_rank, num_periods, start_time,
+                                     t_period, first_batch))
 
             # checkpoint and termination
             scheduled = prog.period % cfg.checkpoint_every == 0 or prog.period == num_periods
@@ -152,15 +170,16 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
     return EXIT_OK
 
 
-def period_record(rec, prog, plan, dist, lr, num_periods, start_time, t_period, first_batch) -> dict:
-    """The period's metrics record; frames/s counts only the minibatches this process ran
-    (a period resumed mid-way is not credited with the minibatches of the run before)."""
+def period_record(rec, prog, plan, period, lr, lr_per_rank, num_periods, start_time, t_period,
+                  first_batch) -> dict:
+    """The period's metrics record; frames/s counts only the minibatches the active ranks of
+    this process ran (a period resumed mid-way is not credited with those of the run before)."""
     now = time.perf_counter()
     return {**rec, "period": prog.period, "num_periods": num_periods, "samples": prog.samples,
-            "lr": lr, "lr_per_rank": lr * plan.lr_scale, "elapsed": now - start_time,
+            "lr": lr, "lr_per_rank": lr_per_rank, "elapsed": now - start_time,
             "eta": (now - start_time) / prog.period * (num_periods - prog.period),
-            "frames_per_sec": (plan.batches_per_period - first_batch) * plan.minibatch_size * dist.size
-            / (now - t_period)}
+            "frames_per_sec": (plan.batches_per_period - first_batch) * plan.minibatch_size
+            * len(period.active) / (now - t_period)}
 
 
 def shut_down(cfg, dist, stop, *closables) -> None:
@@ -185,6 +204,33 @@ def train_step(network, updater, batch, lr, prog) -> int:
     prog.obj += lp
     prog.correct += nc
     return 0
+
+
+def split(batch, size: int) -> list:
+    """The minibatch as steps of ``size`` frames (pick-best periods: halves)."""
+    if size >= len(batch.labels):
+        return [batch]
+    return [data.Batch(batch.feats[lo:lo + size], batch.labels[lo:lo + size], batch.epoch,
+                       batch.frame_in_epoch) for lo in range(0, len(batch.labels), size)]
+
+
+def grow(cfg, model, network, period: int, log):
+    """Insert a hidden layer before ``period`` (Kaldi nnet-insert): a new network, hence a new
+    buffer layout and a new updater with fresh state (Kaldi's jobs always start fresh)."""
+    network = insert_hidden_layer(network, seed=[cfg.seed, period])
+    log.info(f"period {period + 1}: inserted hidden layer {network.config.num_hidden_layers} "
+             f"({network.params.size:,} parameters)")
+    return (model.replace(network_config=network.config),
+            network, make_updater(network, subset(cfg, OptimizerConfig)))
+
+
+def learner(cfg, model, optimizer_state=None):
+    """(network, updater) for ``model``; the updater's state from a checkpoint if given."""
+    network = model.network()
+    updater = make_updater(network, subset(cfg, OptimizerConfig))
+    if optimizer_state is not None:
+        updater.load_state_dict(optimizer_state)
+    return network, updater
 
 
 def stopped(log, where: str) -> int:
@@ -287,7 +333,8 @@ def check_partition_set(dist, infos, valid) -> str | None:
 
 def initial_model(cfg, dist, infos) -> tuple[Model, int]:
     """(the untrained Model every rank starts from, frames of the whole corpus).  The input
-    normalisation and class counts come from the partitions' stored sums, summed over ranks."""
+    normalisation and class counts come from the partitions' stored sums, summed over ranks;
+    the LDA-like transform from statistics of every k-th utterance, summed over ranks."""
     feat_dim, num_classes = infos[0].feat_dim, infos[0].num_classes
     totals = dist.sum_named({"frames": sum(i.num_frames for i in infos),
                              "feat_sum": sum(i.feat_sum for i in infos),
@@ -302,14 +349,40 @@ def initial_model(cfg, dist, infos) -> tuple[Model, int]:
         raise ConfigError(f"the network ({net_cfg.num_params():,} parameters for context {cfg.context}, "
                           f"feat_dim {feat_dim}, {num_classes} classes) needs about {need / 2**30:.0f} GiB, "
                           f"more than this machine's {have / 2**30:.0f} GiB")
+    net_cfg = net_cfg.replace(num_hidden_layers=initial_depth(cfg))
     params = backend.to_host(Network(net_cfg, seed=cfg.seed).params)   # same seed: same start everywhere
-    mean = std = None
-    if cfg.input_normalization:
+    mean = std = transform = scale = None
+    if cfg.lda_transform:
+        stats = lda.LdaStats(**dist.sum_named(lda_statistics(cfg, infos, frames).as_dict()))
+        transform = lda.estimate(stats)
+    elif cfg.input_normalization:
         m, s = data.mean_and_std(totals["feat_sum"], totals["feat_sumsq"], frames)
         mean, std = np.tile(m, width), np.tile(s, width)
+    if cfg.prior_scale_power:
+        scale = presoftmax_prior_scale(totals["class_counts"], cfg.prior_scale_power)
     pipeline = read_pipeline(os.path.dirname(infos[0].path))    # what ngsgd-prepare did to the features
     return Model(net_cfg, params, cfg.context, mean, std, totals["class_counts"], config.to_dict(cfg),
-                 input_pipeline=pipeline), frames
+                 input_pipeline=pipeline, input_transform=transform, output_scale=scale), frames
+
+
+def initial_depth(cfg) -> int:
+    """Hidden layers to start with: one with layer-wise growth, else all."""
+    return 1 if cfg.add_layers_period and cfg.num_hidden_layers > 1 else cfg.num_hidden_layers
+
+
+def lda_statistics(cfg, infos, corpus_frames: int, utterances_per_read: int = 64) -> lda.LdaStats:
+    """This rank's LDA statistics: every k-th utterance of each of its partitions, k chosen
+    so that about ``lda_max_frames`` frames of the corpus are used (the same utterances for
+    any number of ranks)."""
+    every = max(1, math.ceil(corpus_frames / cfg.lda_max_frames)) if cfg.lda_max_frames else 1
+    width = 2 * cfg.context + 1
+    stats = lda.LdaStats.zeros(infos[0].feat_dim * width, infos[0].num_classes)
+    for info in infos:
+        chosen = np.arange(0, len(info.utt_offsets) - 1, every)
+        for lo in range(0, len(chosen), utterances_per_read):
+            stats.accumulate(*data.read_spliced(info, chosen[lo:lo + utterances_per_read],
+                                                cfg.context, cfg.context))
+    return stats
 
 
 def announce(cfg, dist, log, threads, model, frames, plan, num_periods) -> None:
@@ -318,10 +391,11 @@ def announce(cfg, dist, log, threads, model, frames, plan, num_periods) -> None:
     log.info(f"ngsgd-train: {dist.size} rank(s), {threads} thread(s)/rank, device {cfg.device}, "
              f"MPI CUDA-aware: {dist.cuda_aware}\nresolved config:\n{config.format_resolved(cfg)}")
     majority = model.class_counts.max() / frames
+    ramp = (f" (ramp: {plan.ranks_initial} -> {dist.size} active)" if plan.ranks_initial < dist.size else "")
     log.info(f"data: {frames:,} frames, feat_dim {model.feat_dim}, {model.network_config.num_classes} "
              f"classes (most frequent: {100 * majority:.1f}% of frames); network: "
-             f"{model.params.size:,} parameters; {num_periods} periods x {plan.batches_per_period} "
-             f"minibatches x {dist.size} rank(s)")
+             f"{model.network_config.num_hidden_layers} hidden layer(s), {model.params.size:,} parameters; "
+             f"{num_periods} periods x {plan.batches_per_period} minibatches x {dist.size} rank(s){ramp}")
 
 
 # ----------------------------------------------------------------------------- per period
@@ -357,13 +431,16 @@ def finite_divergence(cfg, period: int, train_obj: float, num_classes: int) -> s
     return None
 
 
-def finish_period(cfg, dist, model, network, updater, prog, valid, plan, log):
-    """Combine the ranks' models, then the period's metrics: (record, None), or (None, why)
-    when the period diverged finitely and ``divergence_action`` is rollback."""
+def finish_period(cfg, dist, model, network, updater, prog, valid, plan, period, log):
+    """Combine the models of the period's active ranks (average, or keep the best one), then
+    the period's metrics: (record, None), or (None, why) when the period diverged finitely and
+    ``divergence_action`` is rollback."""
     frames = plan.frames_per_period
     table = dist.gather([prog.obj / frames, prog.correct / frames, prog.t_wait, prog.t_compute],
                         f"the gather of the training objectives of period {prog.period + 1}")
-    diverged = finite_divergence(cfg, prog.period, float(table[:, 0].mean()), model.network_config.num_classes)
+    trained = table[list(period.active)]
+    train_obj = float(trained[:, 0].mean())
+    diverged = finite_divergence(cfg, prog.period, train_obj, model.network_config.num_classes)
     if diverged and cfg.divergence_action == "rollback":
         return None, diverged
     if diverged:
@@ -373,20 +450,24 @@ def finish_period(cfg, dist, model, network, updater, prog, valid, plan, log):
             raise DivergedError(f"period {prog.period + 1}: {diverged}; divergence_action is abort "
                                 f"(lower lr_initial?)")
     t0 = time.perf_counter()
-    outcome = averaging.combine_ranks(dist, network.params, table[:, 0],
-                                      pick_best=prog.period == 0 and cfg.first_period_pick_best,
-                                      outlier_threshold=cfg.outlier_threshold)
+    outcome = averaging.combine_ranks(dist, network.params, table[:, 0], pick_best=period.pick_best,
+                                      outlier_threshold=cfg.outlier_threshold, active=period.active)
     t_allreduce = time.perf_counter() - t0
     if cfg.ng_reset_on_average:
         updater.reset()
-    rec = {"train_obj": float(table[:, 0].mean()), "train_acc": float(table[:, 1].mean()),
-           "valid_obj": None, "valid_acc": None, "time_data_wait": float(table[:, 2].mean()),
-           "time_compute": float(table[:, 3].mean()), "time_allreduce": t_allreduce,
-           "rank_train_obj": [float(o) for o in table[:, 0]]}
+    rec = {"train_obj": train_obj, "train_acc": float(trained[:, 1].mean()),
+           "valid_obj": None, "valid_acc": None, "time_data_wait": float(trained[:, 2].mean()),
+           "time_compute": float(trained[:, 3].mean()), "time_allreduce": t_allreduce,
+           "rank_train_obj": [float(o) if r in period.active else None for r, o in enumerate(table[:, 0])],
+           "active_ranks": len(period.active), "num_hidden_layers": network.config.num_hidden_layers}
     if outcome.note:
         rec["note"] = outcome.note
     if diverged:
         rec["diverged"] = True
+    if outcome.picked is not None:
+        why = "a layer was added" if period.grows else "first period"
+        log.event(prog.period + 1, "pick_best", f"kept rank {outcome.picked}'s model (best training "
+                  f"objective) instead of averaging: {why}", rank=outcome.picked, reason=why)
     if valid is not None:
         result = evaluation.evaluate_partition(network, valid, cfg.context)
         rec["valid_obj"], rec["valid_acc"] = result.objective, result.accuracy
@@ -394,20 +475,32 @@ def finish_period(cfg, dist, model, network, updater, prog, valid, plan, log):
 
 
 def finish_training(cfg, model, network, valid, log, period) -> None:
-    """final.h5: the best average of the last checkpoints (or the last model), with priors
-    and input pipeline (priors.finalize)."""
+    """final.h5: the combination of the last checkpoints (combine_method), or the last model,
+    with priors and input pipeline (priors.finalize); its validation objective and accuracy
+    are logged and kept in its info."""
     final = os.path.join(cfg.out_dir, "final.h5")
-    if cfg.combine_last_k > 1 and valid is not None:
-        result = combine.combine_checkpoints(cfg.out_dir, valid, cfg.combine_last_k, log=log.info)
-        if result is not None:
-            params, n = result
-            priors.finalize(model.replace(params=params, info={"period": period, "combined_models": n}),
-                            cfg.train_data, log.info).save(final)
-            log.info(f"done: {period} periods; final model {final} (average of the last {n})")
-            return
-    priors.finalize(model.replace(params=backend.to_host(network.params), info={"period": period,
-                    "combined_models": 1}), cfg.train_data, log.info).save(final)
-    log.info(f"done: {period} periods; final model {final}")
+    result = None
+    if cfg.combine_last_k > 1:
+        result = combine.final_combination(
+            cfg.out_dir, cfg.combine_method, cfg.combine_last_k, valid=valid,
+            train_partition=data.find_partitions(cfg.train_data)[0], context=cfg.context,
+            frames=cfg.combine_frames, num_evals=cfg.combine_lbfgs_evals, seed=cfg.seed,
+            normalize=cfg.normalize_stddev, log=log.info)
+    if result is None:
+        params, what = backend.to_host(network.params), {"combined_models": 1}
+        if cfg.normalize_stddev:
+            params, what["normalized_stddev"] = combine.normalize_stddev(network.config, params), True
+    else:
+        params, what = result
+    final_model = priors.finalize(model.replace(params=params, info={"period": period, **what}),
+                                  cfg.train_data, log.info)
+    note = f"{what['combined_models']} model(s)"
+    if valid is not None:
+        result = evaluation.evaluate_partition(final_model.network(), valid, cfg.context)
+        final_model.info.update(valid_obj=result.objective, valid_acc=result.accuracy)
+        note += f", valid {result.objective:.4f} ({100 * result.accuracy:.2f}%)"
+    final_model.save(final)
+    log.info(f"done: {period} periods; final model {final} ({note})")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -427,9 +520,12 @@ def save(cfg, dist, model, network, updater, prog, start_time, scheduled: bool) 
     checkpoint.write(cfg.out_dir, dist, prog.period, prog.batch, scheduled, state, averaged, cfg.keep_last_k)
 
 
-def resume(cfg, dist, model, network, updater, log) -> Progress:
-    """Progress restored from the newest usable checkpoint (a fresh one when there is none:
-    then metrics.jsonl is emptied too, so the new run's records do not follow the old ones).
+def resume(cfg, dist, model, log):
+    """(progress, model, network, updater) from the newest usable checkpoint (a fresh start
+    when there is none: then metrics.jsonl is emptied too, so the new run's records do not
+    follow the old ones).  The network is built for the checkpoint's architecture (it may be
+    an earlier stage of layer-wise growth) with the checkpoint's fixed input transform and
+    output scale.
 
     Same number of ranks: everything is restored (bit-identical continuation).  Different
     number: only averaged checkpoints qualify; the averaged parameters and the samples done
@@ -438,10 +534,7 @@ def resume(cfg, dist, model, network, updater, log) -> Progress:
 
     def restore(ckpt: checkpoint.Checkpoint):
         saved = Model.load(ckpt.model_path)
-        if saved.network_config != model.network_config:
-            raise checkpoint.MismatchError(
-                f"{ckpt.model_path}: architecture {saved.network_config.to_dict()} differs from the "
-                f"configured one {model.network_config.to_dict()}")
+        check_architecture(cfg, saved.network_config, model.network_config, ckpt.model_path)
         differences = fixed_differences(saved.train_config, cfg)
         if differences:
             raise checkpoint.MismatchError(
@@ -450,40 +543,51 @@ def resume(cfg, dist, model, network, updater, log) -> Progress:
         samples = saved.info.get("samples")
         if type(samples) is not int or samples < 0:
             raise checkpoint.CheckpointError(f"{ckpt.model_path}: 'samples' must be a count, got {samples!r}")
+        saved = saved.replace(train_config=model.train_config, info={})
         if ckpt.num_ranks != dist.size:
             if ckpt.batch:
                 raise checkpoint.RankCountError(f"{ckpt.path}: a mid-period checkpoint of "
                                                 f"{ckpt.num_ranks} ranks cannot seed {dist.size}")
-            network.params[...] = backend.to_device(saved.params)
-            updater.reset()
-            return (Progress(period=ckpt.period, samples=samples, epoch=ckpt.period),
+            return (Progress(period=ckpt.period, samples=samples, epoch=ckpt.period), saved,
+                    *learner(cfg, saved),
                     f"resumed from {ckpt.path} written by {ckpt.num_ranks} ranks with {dist.size} ranks: "
                     f"averaged parameters and {samples:,} samples done kept, per-rank optimizer state "
-                    f"and data order re-initialised, learning rate x{dist.size}")
+                    f"and data order re-initialised")
         state = checkpoint.load_state(checkpoint.state_path(ckpt.path, dist.rank))
         try:
-            updater.load_state_dict(state["optimizer"])
             prog = progress_from(state["progress"])
             params = state["params"] if ckpt.batch else saved.params
-            if not isinstance(params, np.ndarray) or params.shape != network.params.shape:
+            if not isinstance(params, np.ndarray) or params.shape != saved.params.shape:
                 raise ValueError(f"params of shape {getattr(params, 'shape', None)}")
+            saved = saved.replace(params=params)
+            network, updater = learner(cfg, saved, state["optimizer"])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise checkpoint.CheckpointError(f"{ckpt.path}: state of rank {dist.rank} does not fit "
                                              f"this run ({exc})") from None
-        network.params[...] = backend.to_device(params)
-        return prog, (f"resumed from checkpoint after period {ckpt.period}"
-                      + (f", minibatch {ckpt.batch}" if ckpt.batch else "")
-                      + f" (data cursor epoch {prog.epoch}, frame {prog.frame})")
+        return prog, saved, network, updater, (
+            f"resumed from checkpoint after period {ckpt.period}"
+            + (f", minibatch {ckpt.batch}" if ckpt.batch else "")
+            + f" (data cursor epoch {prog.epoch}, frame {prog.frame})")
 
     found = checkpoint.resume(cfg.out_dir, dist, restore, log.info)
     if found is None:
         log.keep_periods_up_to(0)
         log.info(f"--resume: no usable checkpoint in {cfg.out_dir}; starting from the beginning")
-        return Progress()
-    prog, note = found
-    log.keep_periods_up_to(prog.period)
+        return (Progress(), model, *learner(cfg, model))
+    *restored, note = found
+    log.keep_periods_up_to(restored[0].period)
     log.info(note)
-    return prog
+    return tuple(restored)
+
+
+def check_architecture(cfg, saved: NetworkConfig, configured: NetworkConfig, path: str) -> None:
+    """The checkpoint's network is the configured one, or (layer-wise growth) an earlier
+    stage of it: the same but for fewer hidden layers."""
+    growing = cfg.add_layers_period and saved.replace(num_hidden_layers=configured.num_hidden_layers) \
+        == configured and 1 <= saved.num_hidden_layers <= cfg.num_hidden_layers
+    if saved != configured and not growing:
+        raise checkpoint.MismatchError(
+            f"{path}: architecture {saved.to_dict()} differs from the configured one {configured.to_dict()}")
 
 
 def progress_from(record: dict) -> Progress:

@@ -33,3 +33,24 @@ def test_pick_best_copies_the_best_rank():
     for params, outcome in combine([-2.0, -1.0, -3.0], pick_best=True, outlier_threshold=1.0):
         np.testing.assert_array_equal(params, PARAMS[1])
         assert outcome.picked == 1 and outcome.note.startswith("picked rank 1")
+
+
+def test_idle_ranks_take_weight_zero_and_receive_the_average():
+    for params, outcome in combine([-1.0, 0.0, -1.2], pick_best=False, outlier_threshold=1.0,
+                                   active=(0, 2)):
+        np.testing.assert_allclose(params, np.full(5, 3.5))        # ranks 0 and 2 only
+        assert outcome.note is None                                # idle is not "excluded"
+
+
+def test_pick_best_chooses_among_the_active_ranks_only():
+    for params, outcome in combine([-2.0, -1.0, -3.0], pick_best=True, outlier_threshold=1.0,
+                                   active=(0, 2)):
+        np.testing.assert_array_equal(params, PARAMS[0])
+        assert outcome.picked == 0
+
+
+def test_outliers_are_judged_against_the_best_active_rank():
+    for params, outcome in combine([-1.0, 5.0, -2.5], pick_best=False, outlier_threshold=1.0,
+                                   active=(0, 2)):
+        np.testing.assert_allclose(params, PARAMS[0])
+        assert outcome.excluded == [2]

@@ -106,3 +106,16 @@ def test_every_option_has_help_and_the_stored_config_omits_run_flags():
     cfg = config.parse(["--train-data", "x", "--resume"])
     assert cfg.resume and "resume" not in config.to_dict(cfg)
     assert "lr_initial" in config.to_dict(cfg)
+
+
+def test_the_kaldi_recipe_config_is_complete_and_every_key_names_its_kaldi_option():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "kaldi_nnet2_pnorm.yaml")
+    cfg = config.parse(["--config", path])
+    assert (cfg.ranks_initial, cfg.add_layers_period, cfg.prior_scale_power) == (1, 2, -0.25)
+    assert cfg.lda_transform and cfg.first_period_pick_best and cfg.pick_best_after_growth
+    assert cfg.combine_method == "lbfgs" and cfg.normalize_stddev and cfg.ng_reset_on_average
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and not line.startswith("#")]
+    assert lines and all("#" in line and line.split("#", 1)[1].strip() for line in lines)

@@ -65,3 +65,23 @@ def test_a_model_without_priors_or_pipeline_loads(tmp_path):
     model(posterior_priors=None, input_pipeline=None).save(path)
     back = Model.load(path)
     assert back.posterior_priors is None and back.input_pipeline is None
+
+
+def test_recipe_fixed_layers_round_trip_and_are_checked(tmp_path):
+    """The LDA-like input transform and the pre-softmax prior scale travel with the model."""
+    path = str(tmp_path / "m.h5")
+    matrix, bias = np.eye(15) * 2.0, np.arange(15.0)
+    model(input_mean=None, input_std=None, input_transform=(matrix, bias),
+          output_scale=np.array([0.5, 1.5])).save(path)
+    back = Model.load(path)
+    np.testing.assert_array_equal(back.input_transform[0], matrix)
+    np.testing.assert_array_equal(back.output_scale, [0.5, 1.5])
+    net = back.network()
+    np.testing.assert_array_equal(net.input_transform.bias, bias)
+    assert net.layers[-2] is net.output_scale
+    record, meta = storage.read(path, MODEL_FORMAT)
+    for change, match in (({"output_scale": np.array([1.0, -1.0], np.float32)}, "output_scale must be"),
+                          ({"input_transform_bias": np.ones(3, np.float32)}, "input_transform_matrix")):
+        storage.write(path, MODEL_FORMAT, {**record, **change}, meta)
+        with pytest.raises(ModelError, match=match):
+            Model.load(path)

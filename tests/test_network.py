@@ -207,3 +207,76 @@ def test_zero_hidden_layers_is_softmax_regression():
     net.train_gradients(X, labels)
     G = net.affine_layers[0].out_deriv
     np.testing.assert_allclose(G, np.eye(3)[labels] - 1 / 3, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- recipe pieces
+
+def test_gradient_through_the_output_scale_matches_finite_differences():
+    from ngsgd_mpi.network import presoftmax_prior_scale
+
+    cfg = NetworkConfig(**{**SMALL, "num_hidden_layers": 1})
+    rng = np.random.default_rng(3)
+    params = rng.standard_normal(cfg.num_params())
+    net = Network(cfg, params=params, dtype=np.float64)
+    net.set_output_scale(presoftmax_prior_scale(rng.integers(0, 50, cfg.num_classes), -0.25))
+    X, labels = random_batch(net, 5, 4)
+    net.train_gradients(X, labels)
+    analytic = flat_gradient(net)
+    numeric = np.zeros_like(params)
+    for i in range(params.size):
+        orig = params[i]
+        params[i] = orig + 1e-6
+        plus = net.evaluate(X, labels)[0]
+        params[i] = orig - 1e-6
+        numeric[i] = (plus - net.evaluate(X, labels)[0]) / 2e-6
+        params[i] = orig
+    assert np.linalg.norm(analytic - numeric) <= 1e-6 * np.linalg.norm(numeric)
+    # the scale multiplies the logits: the same as scaling the final layer's rows
+    scaled = params.copy()
+    _, start, _ = net.layer_param_slices()[-2]
+    final = scaled[start:].copy()
+    s = net.output_scale.scales
+    A = final[:cfg.num_classes * 10].reshape(cfg.num_classes, 10) * s[:, None]
+    scaled[start:] = np.concatenate([A.ravel(), final[cfg.num_classes * 10:] * s])
+    np.testing.assert_allclose(Network(cfg, params=scaled, dtype=np.float64).log_probs(X),
+                               net.log_probs(X), rtol=1e-12)
+    net.set_output_scale(np.ones(cfg.num_classes))                  # replaces, not stacks
+    assert sum(layer is net.output_scale for layer in net.layers) == 1 and len(net.layers) == 6
+
+
+def test_presoftmax_prior_scale_is_kaldis_awk_formula():
+    from ngsgd_mpi.network import presoftmax_prior_scale
+
+    counts = np.array([1000, 10, 0, 390, 600])
+    total = counts.sum()                                   # awk: ave = int(2000 / 5) = 400
+    smoothed = (counts + 0.01 * 400) / (total + 0.01 * 400 * 5)
+    expected = smoothed ** -0.25 / np.mean(smoothed ** -0.25)
+    np.testing.assert_allclose(presoftmax_prior_scale(counts, -0.25), expected, rtol=1e-12)
+    assert presoftmax_prior_scale(counts, -0.25).mean() == pytest.approx(1.0)
+    assert np.all(np.isfinite(presoftmax_prior_scale([0, 0, 1], -0.25)))   # fewer frames than classes
+
+
+def test_insert_hidden_layer_is_nnet_insert():
+    from ngsgd_mpi.network import insert_hidden_layer
+
+    cfg = NetworkConfig(**{**SMALL, "num_hidden_layers": 1, "num_classes": 50, "pnorm_output_dim": 10})
+    net = Network(cfg, seed=2)
+    net.set_input_transform(np.eye(12) * 2, np.ones(12))
+    net.set_output_scale(np.linspace(0.5, 1.5, 50))
+    grown = insert_hidden_layer(net, seed=[0, 7])
+    assert grown.config == cfg.replace(num_hidden_layers=2) and not np.shares_memory(grown.params, net.params)
+    old, new = net.layer_param_slices(), grown.layer_param_slices()
+    np.testing.assert_array_equal(grown.params[:old[2][1]], net.params[:old[2][1]])   # layer 0 kept
+    A1 = grown.affine_layers[1].linear
+    assert A1.shape == (30, 10) and np.std(A1) == pytest.approx(1 / math.sqrt(30), rel=0.15)
+    assert np.std(grown.affine_layers[1].bias) == pytest.approx(0.5, rel=0.3)
+    final = grown.affine_layers[2]
+    assert np.std(final.linear) == pytest.approx(0.1 / math.sqrt(10), rel=0.1)      # re-randomised
+    assert np.std(final.bias) == pytest.approx(0.1 / math.sqrt(10), rel=0.3)
+    assert grown.input_transform is net.input_transform
+    np.testing.assert_array_equal(grown.output_scale.scales, net.output_scale.scales)
+    assert grown.layers[-2] is grown.output_scale and len(grown.layers) == 9
+    again = insert_hidden_layer(net, seed=[0, 7])
+    np.testing.assert_array_equal(again.params, grown.params)                        # seeded
+    X, labels = random_batch(grown, 4, 1)
+    assert np.isfinite(grown.train_gradients(X, labels)[0])

@@ -113,7 +113,7 @@ def test_no_import_cycles():
 def test_math_modules_import_no_mpi_and_no_hdf5():
     code = ("import sys\n"
             "import ngsgd_mpi.ng_online, ngsgd_mpi.ng_simple, ngsgd_mpi.layers, ngsgd_mpi.network, "
-            "ngsgd_mpi.optim, ngsgd_mpi.options, ngsgd_mpi.schedule, ngsgd_mpi.averaging\n"
+            "ngsgd_mpi.optim, ngsgd_mpi.options, ngsgd_mpi.schedule, ngsgd_mpi.averaging, ngsgd_mpi.lda\n"
             "print(sorted(m for m in ('mpi4py', 'h5py', 'cupy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -82,3 +82,18 @@ def test_missing_matplotlib_gives_a_clear_error(tmp_path, monkeypatch):
 def test_console_script_is_declared():
     scripts = {ep.name: ep.value for ep in metadata.entry_points(group="console_scripts")}
     assert scripts.get("ngsgd-plot") == "ngsgd_mpi.plot:main"
+
+
+def test_series_draws_only_the_chosen_figures(tmp_path, monkeypatch):
+    a = write_metrics(tmp_path / "ng" / "metrics.jsonl", 5)
+    drawn = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+
+    def recording(self, *args, **kwargs):
+        drawn.append(kwargs.get("label"))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    assert plot.main([str(a.parent), "--out-dir", str(tmp_path / "p"), "--series", "valid"]) == 0
+    assert drawn and all(label == "ng valid" for label in drawn)

@@ -488,13 +488,12 @@ def test_frames_per_sec_counts_only_the_minibatches_run_in_this_process(monkeypa
     """A period resumed after minibatch 30 of 32 ran 2 minibatches here: the rate is theirs."""
     from ngsgd_mpi import schedule, trainer
 
-    plan = schedule.Plan(minibatch_size=32, batches_per_period=32, num_ranks=2, total_samples=10_000,
-                         lr_initial=0.1, lr_final=0.01, lr_scale=2)
-
-    class TwoRanks:
-        size = 2
+    plan = schedule.Plan(minibatch_size=32, batches_per_period=32, num_ranks=2, ranks_initial=2,
+                         total_samples=10_000, lr_initial=0.1, lr_final=0.01, lr_scale_by_ranks=True,
+                         num_hidden_layers=2, add_layers_period=0, first_period_pick_best=False,
+                         pick_best_after_growth=False)
     monkeypatch.setattr(trainer.time, "perf_counter", lambda: 101.0)
     prog = trainer.Progress(period=2, samples=4096)
-    rec = trainer.period_record({}, prog, plan, TwoRanks(), 0.1, 5, start_time=0.0, t_period=100.0,
-                                first_batch=30)
+    rec = trainer.period_record({}, prog, plan, plan.period(2, 4096), 0.1, 0.2, 5, start_time=0.0,
+                                t_period=100.0, first_batch=30)
     assert rec["frames_per_sec"] == 2 * 32 * 2                   # not 32 minibatches' worth

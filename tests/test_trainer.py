@@ -296,3 +296,87 @@ def test_divergence_on_one_rank_rolls_back_every_rank(dataset, tmp_path, monkeyp
     assert [r["period"] for r in periods] == list(range(1, len(periods) + 1))
     plan_lr = periods[1]["lr"] / 0.5             # the redone period ran at half its rate
     assert periods[2]["lr"] < plan_lr and os.path.exists(os.path.join(out, "final.h5"))
+
+
+# ----------------------------------------------------------------------------- Kaldi's recipe
+
+RECIPE_CONFIG = os.path.join(HERE, os.pardir, "configs", "kaldi_nnet2_pnorm.yaml")
+
+
+def recipe_args(train_dir, valid, out, **extra):
+    """The full Kaldi recipe (configs/kaldi_nnet2_pnorm.yaml) at test size."""
+    opts = dict(num_hidden_layers=3, add_layers_period=2, combine_last_k=4, keep_last_k=4,
+                combine_frames=300, combine_lbfgs_evals=6, lda_max_frames=0, num_epochs=3)
+    opts.update(extra)
+    return ["--config", RECIPE_CONFIG] + args_for(train_dir, valid, out, **opts)
+
+
+def test_job_ramp_idle_ranks_take_weight_zero_and_the_rate_follows_the_jobs(dataset, tmp_path):
+    train_dir, valid = dataset
+    out = str(tmp_path / "run")
+    mpirun(3, [sys.executable, os.path.join(HERE, "record_averages.py"), str(tmp_path)]
+           + args_for(train_dir, valid, out, ranks_initial=1, num_epochs=3))
+    recs = [r for r in metrics(out) if not r.get("event")]
+    active = [r["active_ranks"] for r in recs]
+    assert active[0] == 1 and active[-1] == 3 and active == sorted(active)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(3)]
+    for i, rec in enumerate(recs):
+        assert rec["lr_per_rank"] == pytest.approx(rec["active_ranks"] * rec["lr"])
+        trained = [r for r, o in enumerate(rec["rank_train_obj"]) if o is not None]
+        assert len(trained) == rec["active_ranks"]
+        mean = np.mean([ranks[r]["before"][i].astype(np.float64) for r in trained], axis=0)
+        np.testing.assert_allclose(ranks[0]["after"][i], mean, rtol=1e-6, atol=1e-7)
+        idle = sorted(set(range(3)) - set(trained))
+        for r in idle:                               # an idle rank did not move in the period
+            start = ranks[r]["after"][i - 1] if i else ranks[idle[0]]["before"][0]
+            np.testing.assert_array_equal(ranks[r]["before"][i], start)
+    assert recs[-1]["samples"] == sum(active) * 256             # only the active ranks' samples
+    used = [sum(r in [k for k, o in enumerate(rec["rank_train_obj"]) if o is not None] for rec in recs)
+            for r in range(3)]
+    assert max(used) - min(used) <= 1                           # the active ranks rotate
+
+
+def test_growth_pick_best_lda_prior_scale_and_lbfgs_combination(dataset, tmp_path):
+    train_dir, valid = dataset
+    out = str(tmp_path / "run")
+    res = mpirun(2, TRAIN + recipe_args(train_dir, valid, out))
+    recs = [r for r in metrics(out) if not r.get("event")]
+    events = [r for r in metrics(out) if r.get("event") == "pick_best"]
+    assert [r["num_hidden_layers"] for r in recs[:6]] == [1, 1, 2, 2, 3, 3]
+    assert [e["period"] for e in events] == [1, 3, 5]
+    assert [e["reason"] for e in events] == ["first period", "a layer was added", "a layer was added"]
+    assert "inserted hidden layer 3" in res.stdout and "combine: 4 model(s) x 4 layer(s)" in res.stdout
+    final = Model.load(os.path.join(out, "final.h5"))
+    assert final.network_config.num_hidden_layers == 3 and final.input_mean is None
+    assert final.input_transform[0].shape == (40, 40) and final.output_scale.shape == (6,)
+    assert final.info["combine_method"] == "lbfgs" and final.info["normalized_stddev"]
+    assert final.info["valid_acc"] > 1 / 6 + 0.1
+    # the LDA statistics do not depend on the number of ranks
+    one = str(tmp_path / "one")
+    mpirun(1, TRAIN + recipe_args(train_dir, valid, one, num_epochs=0.2, combine_last_k=0))
+    np.testing.assert_allclose(Model.load(os.path.join(one, "final.h5")).input_transform[0],
+                               final.input_transform[0], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_across_a_growth_step_is_bit_identical(dataset, tmp_path):
+    train_dir, valid = dataset
+    full = str(tmp_path / "full")
+    short = dict(combine_last_k=0, keep_last_k=0, num_epochs=1)
+    mpirun(2, TRAIN + recipe_args(train_dir, valid, full, **short))
+    # from the averaged checkpoint right before the layer is added (period 2 done) ...
+    before = str(tmp_path / "before")
+    synthetic.crashed_copy(full, before, keep=2)
+    res = mpirun(2, TRAIN + recipe_args(train_dir, valid, before, **short) + ["--resume"])
+    assert "resumed from checkpoint after period 2" in res.stdout and "inserted hidden layer 2" in res.stdout
+    assert np.array_equal(final_params(full), final_params(before))
+    # ... and from a stop in the middle of the period that starts with the new layer
+    middle = str(tmp_path / "middle")
+    driver = [sys.executable, os.path.join(HERE, "fault_driver.py"), "stop_at:0:3:2"]
+    res = synthetic.run([synthetic.mpiexec(), "-n", "2"] + driver
+                        + recipe_args(train_dir, valid, middle, signal_check_every=1, **short))
+    assert res.returncode == faults.EXIT_STOPPED, res.stdout + res.stderr
+    res = mpirun(2, TRAIN + recipe_args(train_dir, valid, middle, **short) + ["--resume"])
+    assert "resumed from checkpoint after period 2, minibatch" in res.stdout
+    assert "inserted hidden layer 2" not in res.stdout           # restored grown, not grown again
+    assert np.array_equal(final_params(full), final_params(middle))
+    assert [r["period"] for r in metrics(middle)] == [r["period"] for r in metrics(full)]

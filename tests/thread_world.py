@@ -2,7 +2,7 @@
 
 ``run_ranks(n, fn)`` calls ``fn(dist)`` on n threads, each with a real ``distributed.Dist``
 whose communicator is a :class:`ThreadComm`; the collectives the trainer uses (Allreduce,
-Bcast, Allgather, allgather, Barrier) exchange values through shared slots and a barrier.
+Iallreduce, Bcast, Allgather, allgather, Barrier) exchange values through shared slots and a barrier.
 That lets tests inject a Dist and check cross-rank logic (averaging safeguards, rollback,
 combination) in process, without mpiexec.
 """
@@ -15,6 +15,14 @@ import numpy as np
 from mpi4py import MPI
 
 from ngsgd_mpi import distributed
+
+
+class _Done:
+    def Test(self):
+        return True
+
+    def Wait(self):
+        return None
 
 
 class ThreadComm:
@@ -48,6 +56,11 @@ class ThreadComm:
         else:
             raise NotImplementedError(op)
         recvbuf[...] = result
+
+    def Iallreduce(self, sendbuf, recvbuf, op):
+        """Completes at once (the exchange is synchronous); returns a finished request."""
+        self.Allreduce(sendbuf, recvbuf, op)
+        return _Done()
 
     def Bcast(self, buf, root=0):
         buf[...] = self._exchange(np.array(buf, copy=True))[root]
