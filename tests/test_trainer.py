@@ -36,8 +36,17 @@ def final_params(out):
 
 
 def metrics(out):
+    """Every record of metrics.jsonl, in order (periods and events)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def periods(out):
+    return [r for r in metrics(out) if "event" not in r]
+
+
+def events(out):
+    return [r for r in metrics(out) if "event" in r]
 
 
 def mpirun(n, argv, timeout=180):
@@ -53,7 +62,7 @@ def test_averages_are_identical_across_ranks_and_equal_the_mean(dataset, tmp_pat
     mpirun(n, [sys.executable, os.path.join(HERE, "record_averages.py"), str(tmp_path)]
            + args_for(train_dir, valid, out, optimizer=optimizer))
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(n)]
-    num_averages = len(metrics(out))
+    num_averages = len(periods(out))
     assert num_averages >= 2 and all(len(z["after"]) == num_averages for z in ranks)
     for i in range(num_averages):
         for z in ranks[1:]:
@@ -61,7 +70,7 @@ def test_averages_are_identical_across_ranks_and_equal_the_mean(dataset, tmp_pat
         mean = np.mean([z["before"][i].astype(np.float64) for z in ranks], axis=0)
         np.testing.assert_allclose(ranks[0]["after"][i], mean, rtol=1e-6, atol=1e-7)
         assert not np.array_equal(ranks[0]["before"][i], ranks[1]["before"][i])  # ranks did differ
-    recs = metrics(out)
+    recs = periods(out)
     assert all(r["lr_per_rank"] == pytest.approx(n * r["lr"]) for r in recs)
     assert recs[0]["lr"] == pytest.approx(0.02) and recs[-1]["lr"] == pytest.approx(0.005)
     np.testing.assert_array_equal(final_params(out), ranks[0]["after"][-1])
@@ -266,7 +275,7 @@ def test_roll_back_restores_the_period_start_and_halves_the_rate(tmp_path):
     restored = updater.state_dict()["layers"][0]["input"]
     np.testing.assert_array_equal(restored["W"], snapshot[1]["layers"][0]["input"]["W"])
     assert (prog.lr_factor, prog.retries, prog.batch, prog.obj, prog.correct) == (0.5, 1, 0, 0.0, 0.0)
-    assert metrics(str(tmp_path))[-1]["event"] == "divergence"
+    assert events(str(tmp_path))[-1]["event"] == "divergence"
     with pytest.raises(faults.DivergedError, match="diverged 2 times in a row in period 2"):
         trainer.roll_back(cfg, net, updater, snapshot, prog, log)
 
@@ -289,13 +298,11 @@ def test_divergence_on_one_rank_rolls_back_every_rank(dataset, tmp_path, monkeyp
         return flags
     monkeypatch.setattr(trainer, "train_step", train_step)
     assert run_ranks(2, lambda dist: trainer.train(cfg, dist, NoStop())) == [0, 0]
-    recs = metrics(out)
-    events = [r for r in recs if r.get("event")]
-    assert [(e["period"], e["lr_factor"]) for e in events] == [(2, 0.5)]
-    periods = [r for r in recs if not r.get("event")]
-    assert [r["period"] for r in periods] == list(range(1, len(periods) + 1))
-    plan_lr = periods[1]["lr"] / 0.5             # the redone period ran at half its rate
-    assert periods[2]["lr"] < plan_lr and os.path.exists(os.path.join(out, "final.h5"))
+    assert [(e["period"], e["lr_factor"]) for e in events(out)] == [(2, 0.5)]
+    recs = periods(out)
+    assert [r["period"] for r in recs] == list(range(1, len(recs) + 1))
+    plan_lr = recs[1]["lr"] / 0.5             # the redone period ran at half its rate
+    assert recs[2]["lr"] < plan_lr and os.path.exists(os.path.join(out, "final.h5"))
 
 
 # ----------------------------------------------------------------------------- Kaldi's recipe
@@ -316,7 +323,7 @@ def test_job_ramp_idle_ranks_take_weight_zero_and_the_rate_follows_the_jobs(data
     out = str(tmp_path / "run")
     mpirun(3, [sys.executable, os.path.join(HERE, "record_averages.py"), str(tmp_path)]
            + args_for(train_dir, valid, out, ranks_initial=1, num_epochs=3))
-    recs = [r for r in metrics(out) if not r.get("event")]
+    recs = periods(out)
     active = [r["active_ranks"] for r in recs]
     assert active[0] == 1 and active[-1] == 3 and active == sorted(active)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(3)]
@@ -340,11 +347,11 @@ def test_growth_pick_best_lda_prior_scale_and_lbfgs_combination(dataset, tmp_pat
     train_dir, valid = dataset
     out = str(tmp_path / "run")
     res = mpirun(2, TRAIN + recipe_args(train_dir, valid, out))
-    recs = [r for r in metrics(out) if not r.get("event")]
-    events = [r for r in metrics(out) if r.get("event") == "pick_best"]
+    recs = periods(out)
+    picks = [e for e in events(out) if e["event"] == "pick_best"]
     assert [r["num_hidden_layers"] for r in recs[:6]] == [1, 1, 2, 2, 3, 3]
-    assert [e["period"] for e in events] == [1, 3, 5]
-    assert [e["reason"] for e in events] == ["first period", "a layer was added", "a layer was added"]
+    assert [e["period"] for e in picks] == [1, 3, 5]
+    assert [e["reason"] for e in picks] == ["first period", "a layer was added", "a layer was added"]
     assert "inserted hidden layer 3" in res.stdout and "combine: 4 model(s) x 4 layer(s)" in res.stdout
     final = Model.load(os.path.join(out, "final.h5"))
     assert final.network_config.num_hidden_layers == 3 and final.input_mean is None
