@@ -91,7 +91,7 @@ def combine_checkpoints(out_dir: str, valid: data.PartitionInfo, max_models: int
 
 # ----------------------------------------------------------------------------- nnet-combine-fast
 
-def training_subset(partition: str, context: int, frames: int, seed: int, utterances: int = 300):
+def combination_frames(partition: str, context: int, frames: int, seed: int, utterances: int = 300):
     """(spliced feats, labels) of ``frames`` random frames of ``utterances`` random training
     utterances of one partition (Kaldi: combine.egs, 10000 frames of the 300 utterances of
     train_subset_uttlist): many utterances, so that the weights fit no single speaker."""
@@ -272,7 +272,7 @@ def final_combination(out_dir: str, method: str, max_models: int, *, valid=None,
         chosen = candidates(out_dir, max_models)
         if not chosen:
             return None
-        X, labels = training_subset(train_partition, context, frames, seed)
+        X, labels = combination_frames(train_partition, context, frames, seed)
         params, weights = combine_lbfgs([m for _, m in chosen], X, labels, num_evals, log=log)
         what = {"combined_models": len(chosen), "combine_method": method,
                 "combine_weights": weights.tolist(), "combined_periods": [c.period for c, _ in chosen]}

@@ -75,7 +75,7 @@ def log_prior_offsets(priors, class_counts, prior_scale: float = 1.0,
     return offsets.astype(np.float32)
 
 
-def training_subset(train_data: str, context: int, max_frames: int = PRIOR_SUBSET_FRAMES,
+def first_training_frames(train_data: str, context: int, max_frames: int = PRIOR_SUBSET_FRAMES,
                     block_frames: int = 8192):
     """Spliced blocks of the first ``max_frames`` training frames, partitions in order.
 
@@ -97,7 +97,7 @@ def training_subset(train_data: str, context: int, max_frames: int = PRIOR_SUBSE
 
 def finalize(model, train_data: str, log=print):
     """The final model with (P1) priors from the first training frames."""
-    priors, frames = average_posteriors(model.network(), training_subset(train_data, model.context))
+    priors, frames = average_posteriors(model.network(), first_training_frames(train_data, model.context))
     off = 0 if model.class_counts is None else int((np.asarray(model.class_counts) == 0).sum())
     log(f"priors: average posterior of the final model over {frames:,} training frames (nnet2); "
         f"{off} of {len(priors)} classes have no training frames and are disabled in "

@@ -155,10 +155,10 @@ def test_cli_lbfgs_combination_on_training_frames(tmp_path):
     assert res.returncode == 2 and "needs --train-data" in res.stderr
 
 
-def test_training_subset_is_whole_utterances_frames_drawn_from_them(tmp_path):
+def test_combination_frames_are_whole_utterances_frames_drawn_from_them(tmp_path):
     path = tmp_path / "train.0.h5"
     data.write_partition(path, synthetic.utterances(5, 20), 8, 6)
-    X, labels = combine.training_subset(str(path), 1, 250, seed=0)
+    X, labels = combine.combination_frames(str(path), 1, 250, seed=0)
     assert X.shape == (250, 24) and labels.shape == (250,)
-    again = combine.training_subset(str(path), 1, 250, seed=0)
+    again = combine.combination_frames(str(path), 1, 250, seed=0)
     np.testing.assert_array_equal(again[0], X)

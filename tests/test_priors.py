@@ -62,11 +62,11 @@ def write_training_dir(root, pipeline):
     return train_dir
 
 
-def test_training_subset_takes_the_first_frames_across_partitions(tmp_path):
+def test_first_training_frames_come_from_the_partitions_in_order(tmp_path):
     train_dir = write_training_dir(tmp_path, None)
     paths = data.find_partitions(train_dir)
     first = data.open_partition(paths[0], scan=False).num_frames
-    blocks = list(priors.training_subset(train_dir, context=1, max_frames=first + 7, block_frames=64))
+    blocks = list(priors.first_training_frames(train_dir, context=1, max_frames=first + 7, block_frames=64))
     assert sum(len(b) for b in blocks) == first + 7 and blocks[0].shape[1] == 8 * 3
     expected = np.concatenate([X for X, _ in data.iterate_utterance_blocks(data.open_partition(paths[0]), 1, 1)])
     np.testing.assert_array_equal(np.concatenate(blocks)[:first], expected)
@@ -79,7 +79,7 @@ def test_finalize_attaches_priors(tmp_path):
     messages = []
     final = priors.finalize(model, train_dir, messages.append)
     frames = sum(data.open_partition(p, scan=False).num_frames for p in data.find_partitions(train_dir))
-    expected, n = priors.average_posteriors(net, priors.training_subset(train_dir, 1))
+    expected, n = priors.average_posteriors(net, priors.first_training_frames(train_dir, 1))
     assert n == frames < priors.PRIOR_SUBSET_FRAMES
     np.testing.assert_allclose(final.posterior_priors, expected, rtol=1e-12)
     assert f"over {frames:,} training frames" in messages[0] and "1 of 6 classes have no training" in messages[0]
@@ -98,6 +98,6 @@ def test_training_writes_priors_and_pipeline_into_final_model(tmp_path):
     for ckpt in checkpoint.complete_checkpoints(str(out)):       # checkpoints know it too
         assert Model.load(ckpt.model_path).input_pipeline == final.input_pipeline
     assert final.posterior_priors.shape == (6,) and final.posterior_priors.sum() == pytest.approx(1.0)
-    expected, _ = priors.average_posteriors(final.network(), priors.training_subset(train_dir, 1))
+    expected, _ = priors.average_posteriors(final.network(), priors.first_training_frames(train_dir, 1))
     np.testing.assert_allclose(final.posterior_priors, expected, rtol=1e-9)
     assert "priors: average posterior of the final model" in res.stdout + res.stderr
