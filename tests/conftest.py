@@ -5,11 +5,21 @@ The goldens are not in the repo; CI clones it with ``../shared`` beside it.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The Kaldi wheels' shared libraries deadlock in their static initialisers when kaldi-hmm-gmm (a
+# test oracle) or kaldifst is loaded after kaldilm: load them once, in the one order that works,
+# before any test module imports one of them (kaldi.fst.decoding_modules keeps the same order).
+for _name in ("kaldifst", "kaldi_decoder", "kaldi_hmm_gmm", "kaldilm"):
+    try:
+        importlib.import_module(_name)
+    except ImportError:
+        pass
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared/reference/golden"
 

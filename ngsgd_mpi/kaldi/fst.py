@@ -321,9 +321,11 @@ def parse_text_fst(text: str, where: str) -> ArcFst:
 def decoding_modules():
     """(kaldifst, kaldi_decoder, kaldilm), imported in an order that works.
 
-    Importing kaldilm before kaldifst or kaldi_decoder hangs the process (seen
-    with kaldilm 1.15.5, kaldifst 1.7.17, kaldi-decoder 0.2.11), so every use
-    goes through here: kaldifst, then kaldi_decoder, kaldilm last."""
+    Importing kaldilm before kaldifst, kaldi_decoder or kaldi-hmm-gmm hangs the
+    process in a shared library's initialiser (seen with kaldilm 1.15.5,
+    kaldifst 1.7.17, kaldi-decoder 0.2.11, kaldi-hmm-gmm 1.1.4), so every use
+    goes through here: kaldifst, then kaldi_decoder, kaldilm last (the tests
+    load kaldi-hmm-gmm, their oracle, before kaldilm: tests/conftest.py)."""
     try:
         import kaldifst  # noqa: PLC0415 - optional dependencies (the 'decode' extra)
         import kaldi_decoder  # noqa: PLC0415
