@@ -37,17 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 
 import yaml
 
-from ngsgd_mpi.distributed import mpiexec
-from ngsgd_mpi.metrics import metrics_path, read_metrics
+from ngsgd_mpi import experiment
 
+PROG = "paper_experiment"
 OPTIMIZERS = ("sgd", "ng-online", "ng-simple")
 
 # The paper's network made smaller so the sweep fits on a 2-core machine: context +-4 of
@@ -90,64 +87,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def run_logged(cmd: list[str], out: str, log_path: str | None = None) -> float:
-    """Run ``cmd`` (one BLAS thread per process), append it to OUT/commands.sh; wall seconds."""
-    with open(os.path.join(out, "commands.sh"), "a") as f:
-        f.write(shlex.join(cmd) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    if log_path:
-        with open(log_path, "a") as f:
-            res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
-    else:
-        res = subprocess.run(cmd, env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"paper_experiment: command failed (exit {res.returncode}): {shlex.join(cmd)}"
-                         + (f"\n  see {log_path}" if log_path else ""))
-    return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- data
 
-def prepare_corpus(corpus: str, out: str, num_partitions: int, valid_frames: int) -> str:
-    """OUT/data/train/*.h5 from corpus/train and OUT/data/valid.h5 from a subset of corpus/test."""
-    data_dir = os.path.join(out, "data")
-    valid_path = os.path.join(data_dir, "valid.h5")
-    with open(os.path.join(corpus, "train", "classes.txt")) as f:
-        num_classes = sum(1 for line in f if line.strip())
-    prepare = [sys.executable, "-m", "ngsgd_mpi.prepare", "kaldi", "--num-classes", str(num_classes)]
-    if not os.path.exists(os.path.join(data_dir, "stats.json")):
-        log(f"preparing {corpus}/train -> {data_dir}/train")
-        run_logged(prepare + ["--feats", os.path.join(corpus, "train", "feats.scp"),
-                              "--ali", os.path.join(corpus, "train", "ali.ark"),
-                              "--num-partitions", str(num_partitions), "--out", data_dir,
-                              "--overwrite"], out)
-    if not os.path.exists(valid_path):
-        # every k-th test utterance (all test speakers represented), about valid_frames in all
-        with open(os.path.join(corpus, "test", "utt2num_frames")) as f:
-            lengths = [(line.split()[0], int(line.split()[1])) for line in f if line.strip()]
-        step = max(1, sum(n for _, n in lengths) // max(valid_frames, 1))
-        chosen = [u for i, (u, _) in enumerate(lengths) if i % step == 0]
-        list_path = os.path.join(data_dir, "valid_utts.txt")
-        with open(list_path, "w") as f:
-            f.write("".join(u + "\n" for u in chosen))
-        test_dir = os.path.join(data_dir, "test")
-        log(f"preparing {len(chosen)} of {len(lengths)} test utterances -> {valid_path}")
-        run_logged(prepare + ["--feats", os.path.join(corpus, "test", "feats.scp"),
-                              "--ali", os.path.join(corpus, "test", "ali.ark"),
-                              "--valid-utts", list_path, "--out", test_dir, "--overwrite"], out)
-        os.replace(os.path.join(test_dir, "valid.h5"), valid_path)
-        shutil.rmtree(test_dir)       # the rest of the test set is not used
-    return data_dir
-
-
 def data_paths(args, out: str) -> tuple[str, str]:
-    """(training partitions directory, validation file)."""
-    data_dir = args.data or prepare_corpus(args.corpus, out, args.num_partitions, args.valid_frames)
+    """(training partitions directory, validation file): OUT/data/train/*.h5 from corpus/train
+    and OUT/data/valid.h5 from every k-th utterance of corpus/test, unless --data is given."""
+    if args.data:
+        data_dir = args.data
+    else:
+        data_dir = os.path.join(out, "data")
+        prepare = experiment.prepare_training_set(args.corpus, data_dir, args.num_partitions, out, PROG)
+        chosen, _ = experiment.every_kth_test_utterance(args.corpus, args.valid_frames)
+        experiment.prepare_test_subset(prepare, args.corpus, chosen, os.path.join(data_dir, "valid.h5"),
+                                       out, PROG)
     return os.path.join(data_dir, "train"), os.path.join(data_dir, "valid.h5")
 
 
@@ -169,66 +121,28 @@ def plan(args) -> list[dict]:
 
 
 def base_options(args) -> dict:
-    from ngsgd_mpi.config import OPTIONS  # noqa: PLC0415
-
-    opts = dict(BASE, **(QUICK if args.quick else {}))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        key = key.replace("-", "_")
-        if key not in OPTIONS or not value:
-            raise SystemExit(f"paper_experiment: --set {item!r}: expected KEY=VALUE with KEY an "
-                             f"ngsgd-train option (ngsgd-train --help)")
-        opts[key] = yaml.safe_load(value)
-    return opts
+    return {**BASE, **(QUICK if args.quick else {}), **experiment.option_overrides(args.set, PROG)}
 
 
 def learning_rates(args) -> dict:
-    lrs = dict(QUICK_LR if args.quick else LR)
-    for item in args.lr:
-        opt, _, sched = item.partition("=")
-        initial, _, final = sched.partition(":")
-        if opt not in OPTIMIZERS or not initial or not final:
-            raise SystemExit(f"paper_experiment: --lr {item!r}: expected OPT=INITIAL:FINAL with OPT "
-                             f"one of {', '.join(OPTIMIZERS)}")
-        lrs[opt] = (float(initial), float(final))
-    return lrs
+    return experiment.learning_rates(args.lr, QUICK_LR if args.quick else LR, PROG)
 
 
 def train(run: dict, config_path: str, train_data: str, valid: str, lrs: dict, out: str) -> None:
-    run_dir = os.path.join(out, "runs", run["name"])
-    if os.path.exists(os.path.join(run_dir, "final.h5")):
-        log(f"{run['name']}: final.h5 exists, skipped")
-        return
-    from ngsgd_mpi.checkpoint import complete_checkpoints  # noqa: PLC0415
-
-    resume = bool(complete_checkpoints(run_dir))
-    if not resume and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)          # died before its first checkpoint: start clean
-    os.makedirs(run_dir, exist_ok=True)
     initial, final = lrs[run["optimizer"]]
-    cmd = [mpiexec(), "-n", str(run["ranks"]), sys.executable, "-m", "ngsgd_mpi.cli",
-           "--config", config_path, "--train-data", train_data, "--valid-data", valid,
-           "--out-dir", run_dir, "--optimizer", run["optimizer"],
-           f"--ng-reset-on-average={str(run['reset']).lower()}",
-           f"--lr-initial={initial:g}", f"--lr-final={final:g}"] + (["--resume"] if resume else [])
-    log(f"{run['name']}: training ({'resumed' if resume else 'new'})")
-    wall = run_logged(cmd, out, os.path.join(run_dir, "train.log"))
-    log(f"{run['name']}: done in {wall:.0f} s")
+    experiment.train_run(run["name"], run["ranks"], [
+        "--config", config_path, "--train-data", train_data, "--valid-data", valid,
+        "--optimizer", run["optimizer"], f"--ng-reset-on-average={str(run['reset']).lower()}",
+        f"--lr-initial={initial:g}", f"--lr-final={final:g}"], out, PROG)
 
 
 # ----------------------------------------------------------------------------- report
-
-def load_metrics(run_dir: str) -> list[dict]:
-    if not os.path.exists(metrics_path(run_dir)):
-        return []
-    return read_metrics(run_dir, allow_empty=True).periods
-
 
 def summarise(runs: list[dict], out: str) -> list[dict]:
     rows = []
     for run in runs:
         run_dir = os.path.join(out, "runs", run["name"])
-        recs = load_metrics(run_dir)
+        recs = experiment.run_metrics(run_dir).periods
         if not recs:
             continue
         last = recs[-1]
@@ -342,7 +256,7 @@ def report(runs: list[dict], out: str) -> None:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table(rows))
     paths = plot(rows, out)
-    log("wrote " + ", ".join([os.path.join(out, "results.md"), os.path.join(out, "results.json")] + paths))
+    experiment.log("wrote " + ", ".join([os.path.join(out, "results.md"), os.path.join(out, "results.json")] + paths))
     print(table(rows), end="")
 
 
@@ -360,7 +274,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for run in runs:
             train(run, config_path, train_data, valid, lrs, out)
-        log(f"sweep: {time.perf_counter() - t0:.0f} s")
+        experiment.log(f"sweep: {time.perf_counter() - t0:.0f} s")
     report(runs, out)
     return 0
 

@@ -34,19 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import shutil
 import subprocess
 import sys
 import time
 
 import yaml
 
-from ngsgd_mpi.distributed import mpiexec
-from ngsgd_mpi.metrics import metrics_path, read_metrics
+from ngsgd_mpi import experiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPE = os.path.join(HERE, os.pardir, "configs", "kaldi_nnet2_pnorm.yaml")
+PROG = "recipe_experiment"
 OPTIMIZERS = ("ng-online", "sgd")
 
 # The recipe made to fit a shared 2-core machine (docs/results.md, "Setup"): 3 x p-norm 500 -> 50,
@@ -98,25 +96,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def run_logged(cmd: list[str], out: str, log_path: str) -> float:
-    """Run ``cmd`` (one BLAS thread per process) with its output appended to ``log_path``, and
-    append it to OUT/commands.sh; wall seconds."""
-    with open(os.path.join(out, "commands.sh"), "a") as f:
-        f.write(shlex.join(cmd) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    with open(log_path, "a") as f:
-        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"recipe_experiment: command failed (exit {res.returncode}): {shlex.join(cmd)}"
-                         + (f"\n  see {log_path}" if log_path else ""))
-    return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- data
 
 def prepare_corpus(corpus: str, out: str, num_partitions: int, valid_frames: int) -> str:
@@ -125,33 +104,11 @@ def prepare_corpus(corpus: str, out: str, num_partitions: int, valid_frames: int
     scores) and OUT/data/valid.h5 (every 6th of those: the per-period curves)."""
     data_dir = os.path.join(out, "data")
     prep_log = os.path.join(out, "prepare.log")
-    with open(os.path.join(corpus, "train", "classes.txt")) as f:
-        num_classes = sum(1 for line in f if line.strip())
-    prepare = [sys.executable, "-m", "ngsgd_mpi.prepare", "kaldi", "--num-classes", str(num_classes)]
-    if not os.path.exists(os.path.join(data_dir, "stats.json")):
-        log(f"preparing {corpus}/train -> {data_dir}/train")
-        run_logged(prepare + ["--feats", os.path.join(corpus, "train", "feats.scp"),
-                              "--ali", os.path.join(corpus, "train", "ali.ark"),
-                              "--num-partitions", str(num_partitions), "--out", data_dir,
-                              "--overwrite"], out, prep_log)
-    with open(os.path.join(corpus, "test", "utt2num_frames")) as f:
-        lengths = [(line.split()[0], int(line.split()[1])) for line in f if line.strip()]
-    step = max(1, sum(n for _, n in lengths) // max(valid_frames, 1))
-    score = [u for i, (u, _) in enumerate(lengths) if i % step == 0]     # all test speakers
+    prepare = experiment.prepare_training_set(corpus, data_dir, num_partitions, out, PROG, prep_log)
+    score, _ = experiment.every_kth_test_utterance(corpus, valid_frames)     # all test speakers
     for name, chosen in (("score", score), ("valid", score[::6])):
-        path = os.path.join(data_dir, f"{name}.h5")
-        if os.path.exists(path):
-            continue
-        list_path = os.path.join(data_dir, f"{name}_utts.txt")
-        with open(list_path, "w") as f:
-            f.write("".join(u + "\n" for u in chosen))
-        test_dir = os.path.join(data_dir, "test")
-        log(f"preparing {len(chosen)} of {len(lengths)} test utterances -> {path}")
-        run_logged(prepare + ["--feats", os.path.join(corpus, "test", "feats.scp"),
-                              "--ali", os.path.join(corpus, "test", "ali.ark"),
-                              "--valid-utts", list_path, "--out", test_dir, "--overwrite"], out, prep_log)
-        os.replace(os.path.join(test_dir, "valid.h5"), path)
-        shutil.rmtree(test_dir)       # the rest of the test set is not used
+        experiment.prepare_test_subset(prepare, corpus, chosen, os.path.join(data_dir, f"{name}.h5"), out,
+                                       PROG, prep_log)
     return data_dir
 
 
@@ -213,33 +170,9 @@ def options_of(run: dict) -> dict:
 
 
 def base_options(args) -> dict:
-    from ngsgd_mpi.config import OPTIONS  # noqa: PLC0415
-
     with open(RECIPE) as f:
         opts = {k: v for k, v in yaml.safe_load(f).items() if k not in ("train_data", "valid_data", "out_dir")}
-    opts.update(SIZE)
-    if args.quick:
-        opts.update(QUICK)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        key = key.replace("-", "_")
-        if key not in OPTIONS or not value:
-            raise SystemExit(f"recipe_experiment: --set {item!r}: expected KEY=VALUE with KEY an "
-                             f"ngsgd-train option (ngsgd-train --help)")
-        opts[key] = yaml.safe_load(value)
-    return opts
-
-
-def learning_rates(args) -> dict:
-    lrs = dict(QUICK_LR if args.quick else LR)
-    for item in args.lr:
-        opt, _, sched = item.partition("=")
-        initial, _, final = sched.partition(":")
-        if opt not in OPTIMIZERS or not initial or not final:
-            raise SystemExit(f"recipe_experiment: --lr {item!r}: expected OPT=INITIAL:FINAL with OPT "
-                             f"one of {', '.join(OPTIMIZERS)}")
-        lrs[opt] = (float(initial), float(final))
-    return lrs
+    return {**opts, **SIZE, **(QUICK if args.quick else {}), **experiment.option_overrides(args.set, PROG)}
 
 
 def flag_value(value) -> str:
@@ -247,26 +180,17 @@ def flag_value(value) -> str:
         else str(value)
 
 
-def train(run: dict, config_path: str, train_data: str, valid: str, lrs: dict, out: str) -> None:
-    run_dir = os.path.join(out, "runs", run["name"])
-    if os.path.exists(os.path.join(run_dir, "final.h5")):
-        log(f"{run['name']}: final.h5 exists, skipped")
-        return
-    from ngsgd_mpi.checkpoint import complete_checkpoints  # noqa: PLC0415
+def learning_rates(args) -> dict:
+    return experiment.learning_rates(args.lr, QUICK_LR if args.quick else LR, PROG)
 
-    resume = bool(complete_checkpoints(run_dir))
-    if not resume and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)          # died before its first checkpoint: start clean
-    os.makedirs(run_dir, exist_ok=True)
+
+def train(run: dict, config_path: str, train_data: str, valid: str, lrs: dict, out: str) -> None:
     initial, final = lrs[run["optimizer"]]
     changes = [f"--{k.replace('_', '-')}={flag_value(v)}" for k, v in options_of(run).items()]
-    cmd = [mpiexec(), "-n", str(run["ranks"]), sys.executable, "-m", "ngsgd_mpi.cli",
-           "--config", config_path, "--train-data", train_data, "--valid-data", valid,
-           "--out-dir", run_dir, "--optimizer", run["optimizer"],
-           f"--lr-initial={initial:g}", f"--lr-final={final:g}", *changes] + (["--resume"] if resume else [])
-    log(f"{run['name']}: training ({'resumed' if resume else 'new'})")
-    wall = run_logged(cmd, out, os.path.join(run_dir, "train.log"))
-    log(f"{run['name']}: done in {wall:.0f} s")
+    experiment.train_run(run["name"], run["ranks"], [
+        "--config", config_path, "--train-data", train_data, "--valid-data", valid,
+        "--optimizer", run["optimizer"], f"--lr-initial={initial:g}", f"--lr-final={final:g}", *changes],
+        out, PROG)
 
 
 def score_run(run: dict, score_path: str, valid: str, out: str) -> None:
@@ -304,9 +228,7 @@ def summarise(runs: list[dict], out: str) -> list[dict]:
     rows = []
     for run in runs:
         run_dir = os.path.join(out, "runs", run["name"])
-        if not os.path.exists(metrics_path(run_dir)):
-            continue
-        metrics = read_metrics(run_dir, allow_empty=True)
+        metrics = experiment.run_metrics(run_dir)
         recs = metrics.periods
         if not recs:
             continue
@@ -401,7 +323,7 @@ def report(runs: list[dict], out: str) -> None:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     paths = plots(rows, out)
-    log("wrote " + ", ".join([os.path.join(out, "results.md"), os.path.join(out, "results.json")] + paths))
+    experiment.log("wrote " + ", ".join([os.path.join(out, "results.md"), os.path.join(out, "results.json")] + paths))
     print(text, end="")
 
 
@@ -426,7 +348,7 @@ def main(argv=None) -> int:
             if not only or run["name"] in only:
                 train(run, config_path, train_data, valid, lrs, out)
                 score_run(run, score_path, valid, out)
-        log(f"sweep: {time.perf_counter() - t0:.0f} s")
+        experiment.log(f"sweep: {time.perf_counter() - t0:.0f} s")
     report(runs, out)
     return 0
 

@@ -1,10 +1,15 @@
 """Small generated speech-like data sets for tests: utterances of label runs
 (phone-like segments) whose frames are class means plus noise."""
 
+import importlib.util
+import os
+
 import numpy as np
 
 from ngsgd_mpi import data
 from ngsgd_mpi.distributed import mpiexec  # noqa: F401 - the launcher the tests use
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts")
 
 
 def utterances(seed, num_utts, feat_dim=8, num_classes=6, noise=1.0, min_len=20, max_len=60):
@@ -61,3 +66,24 @@ def crashed_copy(finished_run, out, keep):
     for ckpt in done[keep:]:
         shutil.rmtree(ckpt.path)
     return done[:keep]
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (its functions, without running it)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_tiny_corpus(root, num_classes=6):
+    """A tiny ngsgd-make-corpus-like output: train/ (3 speakers) and test/ (1 speaker)."""
+    from ngsgd_mpi.corpus import Utterance, write_kaldi_data_dir
+
+    names = [f"c{k}" for k in range(num_classes)]
+    for split, speakers, seed in (("train", ["s001", "s002", "s003"], 0), ("test", ["t001"], 9)):
+        utts = []
+        for s, spk in enumerate(speakers):
+            for i, (_, feats, labels) in enumerate(utterances(seed + s, 20, num_classes=num_classes)):
+                utts.append(Utterance(f"{spk}-{i:04d}", spk, "A", feats, labels))
+        write_kaldi_data_dir(str(root / split), utts, names)

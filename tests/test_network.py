@@ -265,7 +265,7 @@ def test_insert_hidden_layer_is_nnet_insert():
     net.set_output_scale(np.linspace(0.5, 1.5, 50))
     grown = insert_hidden_layer(net, seed=[0, 7])
     assert grown.config == cfg.replace(num_hidden_layers=2) and not np.shares_memory(grown.params, net.params)
-    old, new = net.layer_param_slices(), grown.layer_param_slices()
+    old = net.layer_param_slices()
     np.testing.assert_array_equal(grown.params[:old[2][1]], net.params[:old[2][1]])   # layer 0 kept
     A1 = grown.affine_layers[1].linear
     assert A1.shape == (30, 10) and np.std(A1) == pytest.approx(1 / math.sqrt(30), rel=0.15)

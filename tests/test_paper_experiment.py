@@ -1,7 +1,6 @@
 """scripts/paper_experiment.py --quick end to end: Kaldi data dirs -> prepare -> the sweep under
 mpiexec -> table and PNGs; then a second invocation skips every finished run."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,29 +10,9 @@ import numpy as np
 import pytest
 
 import synthetic
-from ngsgd_mpi.corpus import Utterance, write_kaldi_data_dir
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "paper_experiment.py")
+SCRIPT = os.path.join(synthetic.SCRIPTS, "paper_experiment.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("paper_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_corpus(root, num_classes=6):
-    """A tiny ngsgd-make-corpus-like output: train/ (3 speakers) and test/ (1 speaker)."""
-    names = [f"c{k}" for k in range(num_classes)]
-    for split, speakers, seed in (("train", ["s001", "s002", "s003"], 0), ("test", ["t001"], 9)):
-        utts = []
-        for s, spk in enumerate(speakers):
-            for i, (_, feats, labels) in enumerate(synthetic.utterances(seed + s, 20,
-                                                                        num_classes=num_classes)):
-                utts.append(Utterance(f"{spk}-{i:04d}", spk, "A", feats, labels))
-        write_kaldi_data_dir(str(root / split), utts, names)
 
 
 def learning_record(run_dir):
@@ -44,7 +23,7 @@ def learning_record(run_dir):
 
 
 def test_quick_sweep_writes_table_and_plots_and_resumes(tmp_path):
-    write_corpus(tmp_path / "corpus")
+    synthetic.write_tiny_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     argv = ["--corpus", str(tmp_path / "corpus"), "--out", str(out), "--quick", "--ranks", "1,2",
             "--reset-ranks", "2", "--num-partitions", "2", "--valid-frames", "300"]
@@ -91,7 +70,7 @@ def test_quick_sweep_writes_table_and_plots_and_resumes(tmp_path):
 
 
 def test_plan_and_bad_options():
-    module = load_script()
+    module = synthetic.load_script("paper_experiment")
     runs = module.plan(module.parse_args(["--data", "d", "--out", "o", "--ranks", "1,4",
                                           "--optimizers", "sgd", "--reset-ranks", "4"]))
     assert [r["name"] for r in runs] == ["sgd-1r", "sgd-4r", "ng-online-4r-reset"]

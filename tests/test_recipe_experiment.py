@@ -2,7 +2,6 @@
 seeds and no-ramp runs under mpiexec -> tables and PNGs; then a second invocation skips every
 finished run and resumes an unfinished one."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,28 +10,9 @@ import sys
 import pytest
 
 import synthetic
-from ngsgd_mpi.corpus import Utterance, write_kaldi_data_dir
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "recipe_experiment.py")
+SCRIPT = os.path.join(synthetic.SCRIPTS, "recipe_experiment.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("recipe_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_corpus(root, num_classes=6):
-    """A tiny ngsgd-make-corpus-like output: train/ (3 speakers) and test/ (1 speaker)."""
-    names = [f"c{k}" for k in range(num_classes)]
-    for split, speakers, seed in (("train", ["s001", "s002", "s003"], 0), ("test", ["t001"], 9)):
-        utts = []
-        for s, spk in enumerate(speakers):
-            for i, (_, feats, labels) in enumerate(synthetic.utterances(seed + s, 20, num_classes=num_classes)):
-                utts.append(Utterance(f"{spk}-{i:04d}", spk, "A", feats, labels))
-        write_kaldi_data_dir(str(root / split), utts, names)
 
 
 NAMES = ["sgd-2r", "sgd-2r-no-pickbest", "sgd-2r-flat", "sgd-2r-s1"]    # trained (of the 9 planned)
@@ -42,7 +22,7 @@ ARGV = ["--quick", "--optimizers", "sgd", "--groups", "ablation,sweep,seeds,flat
 
 
 def test_quick_experiment_writes_tables_and_plots_and_resumes(tmp_path):
-    write_corpus(tmp_path / "corpus")
+    synthetic.write_tiny_corpus(tmp_path / "corpus")
     out = tmp_path / "out"
     argv = ["--corpus", str(tmp_path / "corpus"), "--out", str(out)] + ARGV
     res = synthetic.run([sys.executable, SCRIPT] + argv, timeout=300)
@@ -78,7 +58,7 @@ def test_quick_experiment_writes_tables_and_plots_and_resumes(tmp_path):
 
 
 def test_plan_names_and_bad_options():
-    module = load_script()
+    module = synthetic.load_script("recipe_experiment")
     runs = module.plan(module.parse_args(["--data", "d", "--out", "o", "--optimizers", "ng-online",
                                           "--groups", "ablation,plain", "--ablation-ranks", "1,4"]))
     names = [r["name"] for r in runs]
