@@ -60,6 +60,15 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(request):
+    """A test that fails while its job still runs would leave the node's two CPUs to it, and
+    every later test's job would wait behind it: cancel whatever is left."""
+    yield
+    if "slurm" in request.fixturenames:
+        request.getfixturevalue("slurm").run(["scancel", "--user", str(os.getuid())], check=False)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return synthetic.write_dataset(tmp_path_factory.mktemp("data"), num_partitions=2)
@@ -144,7 +153,7 @@ def start_now_and_finish(slurm, job, workdir) -> dict:
     # the previous run's ("Killing non-startable batch job: Job credential revoked", seen under
     # load); Slurm's own requeue delay exists for this
     slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"])
-    info = wait_ended(slurm, job, workdir, "train", 120)
+    info = wait_ended(slurm, job, workdir, "train", 300)
     assert_completed(info, workdir, "train")
     assert info["Restarts"] == "1"
     return info
@@ -190,7 +199,7 @@ def test_cancelled_job_is_not_requeued(slurm, long_run, tmp_path):
                  CONFIG=config, OUT_DIR=out)
     wait_for_checkpoint(slurm, job, out, tmp_path)
     slurm.run(["scancel", str(job)])
-    info = wait_ended(slurm, job, tmp_path, "train", 60)
+    info = wait_ended(slurm, job, tmp_path, "train", 120)
     log = log_of(tmp_path, "train")
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
     assert "stopped on signal" in log and "while the job is COMPLETING" in log, log
@@ -212,7 +221,7 @@ def test_killed_ranks_requeued_by_hand_resume_from_the_last_checkpoint(slurm, lo
     assert len(ranks) == 2, rows
     for pid in ranks:
         os.kill(pid, signal.SIGKILL)
-    info = wait_ended(slurm, job, tmp_path, "train", 60)
+    info = wait_ended(slurm, job, tmp_path, "train", 120)
     assert info["JobState"] == "FAILED", log_of(tmp_path, "train")
     slurm.run(["scontrol", "requeue", str(job)])
     start_now_and_finish(slurm, job, tmp_path)
@@ -246,7 +255,7 @@ def test_prepare_train_forward_chain(slurm, tmp_path):
                  ["--ntasks=2", "--cpus-per-task=1", f"--dependency=afterok:{train}"],
                  MODEL=out / "final.h5", FEATS=kaldi / "feats.scp", EVAL_DATA=h5 / "valid.h5")
 
-    info = wait_ended(slurm, fwd, tmp_path, "forward", 150)
+    info = wait_ended(slurm, fwd, tmp_path, "forward", 300)
     for job, name in ((prep, "prepare"), (train, "train")):
         assert_completed(slurm.job(job), tmp_path, name)
     assert_completed(info, tmp_path, "forward")
@@ -271,7 +280,7 @@ def test_failed_training_passes_its_exit_code_through(slurm, dataset, tmp_path):
     config = write_config(tmp_path / "bad.yaml", tmp_path / "nowhere", dataset[1], SHORT_RUN)
     job = submit(slurm, "train_mpiexec.sbatch", tmp_path, "bad", ["--ntasks=2", "--cpus-per-task=1"],
                  CONFIG=config, OUT_DIR=tmp_path / "run")
-    info = wait_ended(slurm, job, tmp_path, "bad", 60)
+    info = wait_ended(slurm, job, tmp_path, "bad", 120)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), \
         log_of(tmp_path, "bad")
     assert "no partition files match" in log_of(tmp_path, "bad")
@@ -289,7 +298,7 @@ def test_sweep_submits_one_chained_job_per_rank_count(slurm, dataset, tmp_path):
     assert len(jobs) == 2 and lines[1].endswith(f"out {tmp_path}/sweep/n2")
     assert slurm.job(jobs[1])["Dependency"].startswith(f"afterany:{jobs[0]}")
     for n, job in zip((1, 2), jobs):
-        info = wait_ended(slurm, job, tmp_path / "sweep", f"n{n}", 90)
+        info = wait_ended(slurm, job, tmp_path / "sweep", f"n{n}", 180)
         assert_completed(info, tmp_path / "sweep", f"n{n}")
         assert info["NumTasks"] == str(n)
         with open(tmp_path / "sweep" / f"n{n}" / "metrics.jsonl") as f:
