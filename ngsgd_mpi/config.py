@@ -49,12 +49,21 @@ def _mapping_without_duplicates(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+def _safe_load_strict(stream):
+    """yaml.safe_load with _StrictLoader: plain YAML data only, and no key given twice."""
+    loader = _StrictLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_config_file(path: str) -> dict:
     """{option: value} of one flat YAML file, converted to the options' types."""
     where = f"config file {path}"
     try:
         with open(path, encoding="utf-8") as f:
-            content = yaml.load(f, Loader=_StrictLoader)    # noqa: S506 - a SafeLoader subclass
+            content = _safe_load_strict(f)
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
     except ConfigError as exc:

@@ -620,6 +620,15 @@ def iterate_utterance_blocks(info: PartitionInfo, context_left: int, context_rig
         stream.close()
 
 
+def splice_utterance(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """One utterance (T, F) -> (T, F * len(offsets)) float32, edge frames repeated (as training)."""
+    num_frames = len(feats)
+    if num_frames == 0:
+        return np.zeros((0, feats.shape[1] * len(offsets)), np.float32)
+    return splice(np.asarray(feats, np.float32), np.arange(num_frames), np.zeros(num_frames, np.int64),
+                  np.full(num_frames, num_frames), offsets)
+
+
 def read_spliced(info: PartitionInfo, utterances, context_left: int, context_right: int):
     """(spliced float32 feats, int64 labels) of the chosen utterances of a partition (indices
     in file order), concatenated; for the recipe's statistics and combination subsets."""
@@ -629,10 +638,7 @@ def read_spliced(info: PartitionInfo, utterances, context_left: int, context_rig
     try:
         for u in utterances:
             feats, labels = reader.read(int(u))
-            n = len(labels)
-            frames = np.arange(n)
-            xs.append(splice(feats.astype(np.float32), frames, np.zeros(n, np.int64),
-                             np.full(n, n, np.int64), offsets))
+            xs.append(splice_utterance(feats, offsets))
             ys.append(labels.astype(np.int64))
     finally:
         reader.close()

@@ -44,13 +44,12 @@ import time
 
 import numpy as np
 
-from ngsgd_mpi.faults import InputError
+from ngsgd_mpi.faults import EXIT_OK, InputError, report_bad_input
 
 from ngsgd_mpi import scoring
-from ngsgd_mpi.kaldi.fst import decoding_modules, from_kaldifst, read_fst, to_kaldifst
+from ngsgd_mpi.kaldi.fst import decoding_modules, from_kaldifst, read_fst, read_symbol_table, to_kaldifst
 from ngsgd_mpi.kaldi.model import read_transition_model
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
 class DecodeError(InputError):
@@ -80,7 +79,7 @@ class Graph:
                 raise DecodeError(f"{graph_dir}: no trans.mdl here and no ../final.mdl; "
                                   "pass --transition-model (the final.mdl the graph was built with)")
         trans_model = read_transition_model(transition_model)
-        self.words = read_symbol_table(words_path)
+        self.words = {i: word for word, i in read_symbol_table(words_path, "the word table").items()}
         hclg = read_fst(hclg_path)
         num_tids = trans_model.num_transition_ids
         if hclg.num_arcs:
@@ -104,27 +103,6 @@ class Graph:
                     self.kind = json.load(f).get("kind", "word")
             except (OSError, ValueError) as exc:
                 raise DecodeError(f"{info}: not a JSON object ({exc})") from None
-
-
-def read_symbol_table(path: str) -> dict[int, str]:
-    """An OpenFst text symbol table (``symbol id`` lines)."""
-    table: dict[int, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                if len(fields) != 2 or not fields[1].isdigit():
-                    raise DecodeError(f"{path}: line {number}: expected 'symbol id', got {line.strip()[:60]!r}")
-                if int(fields[1]) in table:
-                    raise DecodeError(f"{path}: line {number}: id {fields[1]} appears twice")
-                table[int(fields[1])] = fields[0]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DecodeError(f"{path}: cannot read the word table ({exc})") from None
-    if not table:
-        raise DecodeError(f"{path}: empty word table")
-    return table
 
 
 # --------------------------------------------------------------------------- decoding
@@ -411,8 +389,9 @@ def scoring_grid(args) -> tuple[list[int], list[str]]:
     return parse_lmwt(args.lmwt or "7:17"), parse_penalties(args.word_ins_penalty or "0.0,0.5,1.0")
 
 
-def _rank_work(args, dist) -> tuple[Graph | None, str | None]:
-    """Everything one rank does before the merge; returns (graph, error)."""
+def _rank_work(args, dist) -> Graph:
+    """Everything one rank does before the merge: its share of the utterances decoded into
+    OUT/.part.<rank>.json; returns the graph."""
     try:
         lmwts, penalties = scoring_grid(args)
         if not args.beam > 0 or not args.lattice_beam > 0 or args.max_active < 1:
@@ -433,9 +412,9 @@ def _rank_work(args, dist) -> tuple[Graph | None, str | None]:
         os.makedirs(args.out, exist_ok=True)
         part = decode_share(decoder, utterances, dist.rank, dist.size, lmwts, penalties, ref, args.ref or "")
         write_json(part_path(args.out, dist.rank), part)
-        return graph, None
-    except (InputError, OSError) as exc:
-        return None, str(exc)
+        return graph
+    except OSError as exc:
+        raise DecodeError(str(exc)) from None
 
 
 def main(argv=None) -> int:
@@ -443,41 +422,23 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     dist = distributed.init()
-    with distributed.abort_on_exception(dist):
+    with distributed.abort_on_exception(dist, prog="ngsgd-decode"):
         start = time.time()
-        graph, error = _rank_work(args, dist)
-        if error is not None and os.path.isdir(args.out):
-            write_json(part_path(args.out, dist.rank), {"error": error})
-        failed = int(dist.sum([error is not None])[0])
-        status = EXIT_OK
-        if dist.rank == 0:
-            if failed:
-                message = error or _first_error(args.out, dist.size)
-                sys.stderr.write(f"ngsgd-decode: error: {message}\n")
-                status = EXIT_BAD_INPUT
-            else:
-                try:
-                    summary = merge_parts(args.out, dist.size, graph, *scoring_grid(args), args.ref)
-                    _report(summary, args, time.time() - start)
-                except scoring.ScoringError as exc:
-                    sys.stderr.write(f"ngsgd-decode: error: {exc}\n")
-                    status = EXIT_BAD_INPUT
-            for r in range(dist.size):
-                if os.path.exists(part_path(args.out, r)):
-                    os.remove(part_path(args.out, r))
-        return int(dist.sum([status])[0])
-
-
-def _first_error(out_dir: str, size: int) -> str:
-    for r in range(size):
         try:
-            with open(part_path(out_dir, r), encoding="utf-8") as f:
-                error = json.load(f).get("error")
-        except (OSError, ValueError):
-            continue
-        if error:
-            return error
-    return "a rank failed (see its output)"
+            # bad input on any rank: every rank stops with the same one-line errors
+            graph = dist.agree(lambda: _rank_work(args, dist), "the decoding of every rank's share")
+            summary = dist.agree(lambda: None if dist.rank else merge_parts(
+                args.out, dist.size, graph, *scoring_grid(args), args.ref), "the merge of the ranks' results")
+        except InputError as exc:
+            return report_bad_input("ngsgd-decode", exc, speak=dist.rank == 0)
+        finally:
+            if dist.rank == 0:
+                for r in range(dist.size):
+                    if os.path.exists(part_path(args.out, r)):
+                        os.remove(part_path(args.out, r))
+        if dist.rank == 0:
+            _report(summary, args, time.time() - start)
+    return EXIT_OK
 
 
 def _report(summary: dict, args, seconds: float) -> None:

@@ -49,14 +49,13 @@ import time
 
 import numpy as np
 
-from ngsgd_mpi.faults import InputError
+from ngsgd_mpi.faults import EXIT_OK, InputError, report_bad_input
 
-from ngsgd_mpi import ngram
-from ngsgd_mpi.kaldi.fst import ARC_DTYPE, ArcFst, FstError, from_kaldifst, kaldifst_module, to_kaldifst, write_fst
+from ngsgd_mpi import ngram, scoring
+from ngsgd_mpi.kaldi.fst import ARC_DTYPE, ArcFst, from_kaldifst, kaldifst_module, read_symbol_table, to_kaldifst, write_fst
 from ngsgd_mpi.kaldi.hmm import GraphError, add_self_loops, h_transducer
-from ngsgd_mpi.kaldi.model import HmmTopology, KaldiFormatError, TransitionModel
+from ngsgd_mpi.kaldi.model import HmmTopology, TransitionModel
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 SILENCE = "sil"
 TRANSITION_FLOOR = 0.01
 
@@ -114,11 +113,7 @@ class Lang:
 
     def __init__(self, lang_dir: str):
         self.dir = lang_dir
-        table = _read_lines(os.path.join(lang_dir, "phones.txt"))
-        try:
-            ids = {name: int(i) for name, i in table}
-        except ValueError:
-            raise MkgraphError(f"{lang_dir}/phones.txt: expected 'name id' lines") from None
+        ids = read_symbol_table(os.path.join(lang_dir, "phones.txt"), "the phone table")
         if sorted(ids.values()) != list(range(len(ids))) or ids.get("<eps>") != 0:
             raise MkgraphError(f"{lang_dir}/phones.txt: ids must be 0..N-1 with <eps> = 0")
         if SILENCE not in ids:
@@ -310,11 +305,6 @@ def _write_table(path: str, symbols) -> None:
         f.writelines(f"{s} {i}\n" for i, s in enumerate(symbols))
 
 
-def _read_text(path: str) -> list[list[str]]:
-    """Token lists of a Kaldi ``text``-style file (utterance id dropped)."""
-    return [fields[1:] for fields in _read_lines(path)]
-
-
 def make_graph(corpus: str, out_dir: str, kind: str = "word", lm: str | None = None, lm_order: int | None = None,
                sil_prob: float = 0.5, self_loop_scale: float = 0.1, log=print) -> dict:
     """Build ``out_dir`` (written in a temporary directory, then moved into place)."""
@@ -352,7 +342,7 @@ def make_graph(corpus: str, out_dir: str, kind: str = "word", lm: str | None = N
         _write_table(os.path.join(tmp, "phones.txt"), phone_table)
         arpa = os.path.join(tmp, "lm.arpa")
         if lm is None:
-            sentences = _read_text(text_file)
+            sentences = list(scoring.read_text(text_file).values())
             model = ngram.estimate(sentences, lm_order)
             ngram.write_arpa(model, arpa)
             log(f"{kind} {lm_order}-gram from {text_file}: {len(sentences)} sentences, "
@@ -418,9 +408,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         make_graph(args.corpus, args.out, args.kind, args.lm, args.lm_order, args.sil_prob, args.self_loop_scale)
-    except (MkgraphError, ngram.ArpaError, FstError, GraphError, KaldiFormatError) as exc:
-        sys.stderr.write(f"ngsgd-mkgraph: error: {exc}\n")
-        return EXIT_BAD_INPUT
+    except InputError as exc:
+        return report_bad_input("ngsgd-mkgraph", exc)
     return EXIT_OK
 
 

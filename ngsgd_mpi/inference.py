@@ -107,16 +107,6 @@ def model_utterances(model: Model, model_path: str, feats: str | None = None, da
     yield from read_utterances(feats, rank, size)
 
 
-def splice_utterance(feats: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(T, F) -> (T, F * len(offsets)) float32, edge frames repeated (as training)."""
-    num_frames = len(feats)
-    if num_frames == 0:
-        return np.zeros((0, feats.shape[1] * len(offsets)), np.float32)
-    feats = np.asarray(feats, np.float32)
-    return data.splice(feats, np.arange(num_frames), np.zeros(num_frames, np.int64),
-                       np.full(num_frames, num_frames), offsets)
-
-
 def batches(utterances, context: int, batch_frames: int):
     """Group (utt_id, feats, extra) items into spliced batches of about ``batch_frames`` rows;
     yields (items, X) with X's rows in item order."""
@@ -126,10 +116,10 @@ def batches(utterances, context: int, batch_frames: int):
         pending.append(item)
         frames += len(item[1])
         if frames >= batch_frames:
-            yield pending, np.concatenate([splice_utterance(i[1], offsets) for i in pending])
+            yield pending, np.concatenate([data.splice_utterance(i[1], offsets) for i in pending])
             pending, frames = [], 0
     if pending:
-        yield pending, np.concatenate([splice_utterance(i[1], offsets) for i in pending])
+        yield pending, np.concatenate([data.splice_utterance(i[1], offsets) for i in pending])
 
 
 def log_posteriors(network, X: np.ndarray, batch_frames: int) -> np.ndarray:

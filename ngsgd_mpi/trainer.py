@@ -116,6 +116,7 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
             snapshot = (backend.to_host(network.params).copy(), updater.state_dict())
             lr, lr_per_rank = period.lr * prog.lr_factor, period.lr_per_rank * prog.lr_factor
             t_period, first_batch, flags = time.perf_counter(), prog.batch, 0
+            agreement = f"the stop/divergence agreement in period {prog.period + 1}"     # the watchdog's name
             while prog.batch < plan.batches_per_period:
                 if active:   # forward backward update (half-size steps in pick-best periods)
                     t0, batch = time.perf_counter(), next(batches)
@@ -129,8 +130,7 @@ def train(cfg, dist, stop: StopRequest | None = None) -> int:
                 if last or prog.batch % cfg.signal_check_every == 0:
                     if last and active and not params_finite(network):
                         flags |= DIVERGED
-                    flags = dist.any_flags(flags | (STOP if stop.requested else 0),
-                                           f"the stop/divergence agreement in period {prog.period + 1}")
+                    flags = dist.any_flags(flags | (STOP if stop.requested else 0), agreement)
                     if flags:
                         break
             if flags & DIVERGED:

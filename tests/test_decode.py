@@ -9,7 +9,7 @@ import pytest
 
 import synthetic
 import yesno
-from ngsgd_mpi import decode, inference
+from ngsgd_mpi import decode, faults, inference
 from ngsgd_mpi.kaldi.pipeline import InputPipeline
 from ngsgd_mpi.kaldi.fst import parse_text_fst, write_fst
 from ngsgd_mpi.kaldi.model import HmmTopology, TransitionModel
@@ -168,7 +168,7 @@ def test_network_log_likelihoods_are_ngsgd_forwards(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 def assert_bad(code, stderr, match, out=None):
-    assert code == decode.EXIT_BAD_INPUT
+    assert code == faults.EXIT_BAD_INPUT
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ngsgd-decode: error: ") and match in lines[0], stderr
     if out is not None and os.path.isdir(out):
@@ -218,6 +218,6 @@ def test_a_bad_utterance_on_one_rank_fails_the_job(tmp_path):
     res = synthetic.run([synthetic.mpiexec(), "-n", "2", sys.executable, "-m", "ngsgd_mpi.decode",
                          "--graph-dir", yesno.GRAPH, "--loglikes", f"scp:{tmp_path}/bad.scp",
                          "--out", str(tmp_path / "out")], timeout=240)
-    assert res.returncode == decode.EXIT_BAD_INPUT, res.stdout + res.stderr
+    assert res.returncode == faults.EXIT_BAD_INPUT, res.stdout + res.stderr
     assert res.stderr.strip().endswith("log-likelihoods are not all finite") and res.stderr.count("error:") == 1
     assert not os.path.exists(tmp_path / "out" / "scoring_kaldi")

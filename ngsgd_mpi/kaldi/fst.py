@@ -316,6 +316,30 @@ def parse_text_fst(text: str, where: str) -> ArcFst:
     return fst
 
 
+def read_symbol_table(path: str, what: str = "symbol table") -> dict[str, int]:
+    """An OpenFst text symbol table (``symbol id`` lines: words.txt, phones.txt) as
+    {symbol: id}; symbols and ids unique."""
+    table: dict[str, int] = {}
+    ids: set[int] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 2 or not fields[1].isdigit():
+                    raise FstError(f"{path}: line {number}: expected 'symbol id', got {line.strip()[:60]!r}")
+                if fields[0] in table or int(fields[1]) in ids:
+                    raise FstError(f"{path}: line {number}: {fields[0]!r} or id {fields[1]} appears twice")
+                table[fields[0]] = int(fields[1])
+                ids.add(table[fields[0]])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FstError(f"{path}: cannot read {what} ({exc})") from None
+    if not table:
+        raise FstError(f"{path}: empty {what}")
+    return table
+
+
 # --------------------------------------------------------------------------- kaldifst bridge
 
 def decoding_modules():
