@@ -5,11 +5,11 @@ read with ``--loglikes``) and the graph's transition model:
 
 1. Kaldi's DecodableMatrixScaledMapped: transition-id k reads pdf(k) (D1)::
 
-       A[t, k - 1] = acwt * L[t, pdf(k)]          (kaldi-decoder's DecodableCtc: label k = column k - 1)
+       acoustic cost of an arc with input label k at frame t = -acwt * L[t, pdf(k)]
 
-2. kaldi-decoder's LatticeSimpleDecoder (``--beam``, ``--lattice-beam``) over
-   HCLG gives the raw lattice; each arc has a graph cost g and an acoustic
-   cost a = -acwt * L.
+2. Kaldi's LatticeFasterDecoder (:mod:`ngsgd_mpi.lattice_faster`: ``--beam``,
+   ``--max-active``, ``--lattice-beam``) over HCLG gives the raw lattice; each
+   arc has a graph cost g and an acoustic cost a.
 3. For every LM weight LMWT and word insertion penalty WIP the 1-best path
    minimises, as ``lattice-scale --inv-acoustic-scale=LMWT |
    lattice-add-penalty | lattice-best-path`` on Kaldi's lattices (D2)::
@@ -23,15 +23,15 @@ read with ``--loglikes``) and the graph's transition model:
 The hypotheses and, with ``--ref``, the error rates are written in Kaldi's
 ``scoring_kaldi`` layout (:mod:`ngsgd_mpi.scoring`).  Several ranks
 (``mpiexec -n N``) take utterances round-robin; each writes its results to
-``OUT/.part.<rank>.json``; once every rank is done (a collective sum of their
-error counts) rank 0 merges them in input order.
+``OUT/.part.<rank>.json``; once every rank is done rank 0 merges them in
+input order.
 
 The graph is ``GRAPH_DIR/HCLG.fst`` (OpenFst vector or Kaldi's const FST,
 :mod:`ngsgd_mpi.kaldi.fst`) with ``words.txt``; transition-ids are mapped to
 pdfs by ``GRAPH_DIR/trans.mdl`` (what ``ngsgd-mkgraph`` writes), else
 ``--transition-model`` or ``GRAPH_DIR/../final.mdl`` (a Kaldi
 ``exp/tri1/graph`` next to its ``final.mdl``).  Labels are checked against the
-model and the word table before kaldifst sees the graph.
+model and the word table before the search trusts them.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import numpy as np
 
 from ngsgd_mpi.faults import EXIT_OK, InputError, report_bad_input
 
-from ngsgd_mpi import scoring
-from ngsgd_mpi.kaldi.fst import decoding_modules, from_kaldifst, read_fst, read_symbol_table, to_kaldifst
+from ngsgd_mpi import lattice_faster, scoring
+from ngsgd_mpi.kaldi.fst import read_fst, read_symbol_table
 from ngsgd_mpi.kaldi.model import read_transition_model
 
 
@@ -59,12 +59,11 @@ class DecodeError(InputError):
 # --------------------------------------------------------------------------- the graph
 
 class Graph:
-    """A decoding graph ready for kaldi-decoder.
+    """A decoding graph ready for the search.
 
     Fields:
-      fst:      kaldifst.StdVectorFst (HCLG).
+      hclg:     the HCLG as the search's arrays (lattice_faster.Hclg).
       words:    {word id: symbol} of words.txt.
-      tid2pdf:  (num_tids + 1,) pdf of each transition-id (index 0 unused).
       num_pdfs: columns the log-likelihoods must have.
       kind:     "word" or "phone" (graph_info.json of ngsgd-mkgraph; Kaldi graphs: "word").
     """
@@ -82,6 +81,8 @@ class Graph:
         self.words = {i: word for word, i in read_symbol_table(words_path, "the word table").items()}
         hclg = read_fst(hclg_path)
         num_tids = trans_model.num_transition_ids
+        if hclg.start < 0:
+            raise DecodeError(f"{hclg_path}: the graph is empty (no start state)")
         if hclg.num_arcs:
             top = int(hclg.arcs["ilabel"].max())
             if top > num_tids:
@@ -91,8 +92,7 @@ class Graph:
             if len(unknown):
                 raise DecodeError(f"{words_path} does not match {hclg_path}: output label {unknown[0]} "
                                   f"is not in the word table ({len(unknown)} such labels)")
-        self.fst = to_kaldifst(hclg)
-        self.tid2pdf = trans_model.tid2pdf
+        self.hclg = lattice_faster.hclg_for_search(hclg, trans_model.tid2pdf)
         self.num_pdfs = trans_model.num_pdfs
         self.transition_model = transition_model
         self.kind = "word"
@@ -108,113 +108,26 @@ class Graph:
 # --------------------------------------------------------------------------- decoding
 
 class Decoder:
-    """One graph, one of kaldi-decoder's searches, equations (D1), (D2).
-
-    ``lattice`` (LatticeSimpleDecoder, ``--beam``, ``--lattice-beam``): a raw
-    lattice per utterance, from which every (LMWT, WIP) gets its 1-best.
-    ``faster`` (FasterDecoder, ``--beam``, ``--max-active``): the 1-best path
-    only, i.e. the hypothesis at LMWT = 1 / acwt and WIP = 0; several times
-    faster, because it keeps at most max-active tokens where the lattice search
-    keeps every token within the beam.
-    """
+    """One graph, Kaldi's lattice-faster search (:mod:`ngsgd_mpi.lattice_faster`), (D1), (D2):
+    a raw lattice per utterance (``--beam``, ``--max-active``, ``--lattice-beam``) from
+    which every (LMWT, WIP) gets its 1-best."""
 
     def __init__(self, graph: Graph, acwt: float = 0.1, beam: float = 13.0, lattice_beam: float = 6.0,
-                 max_active: int = 7000, search: str = "lattice"):
-        self.kaldifst, self.kaldi_decoder, _ = decoding_modules()
-        self.graph, self.acwt, self.search = graph, acwt, search
-        kd = self.kaldi_decoder
-        if search == "lattice":
-            config = kd.LatticeSimpleDecoderConfig()
-            config.beam, config.lattice_beam = beam, lattice_beam
-            self._decoder = kd.LatticeSimpleDecoder(graph.fst, config)
-        elif search == "faster":
-            config = kd.FasterDecoderOptions()
-            config.beam, config.max_active = beam, max_active
-            self._decoder = kd.FasterDecoder(graph.fst, config)
-        else:
-            raise DecodeError(f"--decoder must be lattice or faster, got {search!r}")
+                 max_active: int = 7000):
+        self.graph, self.acwt = graph, acwt
+        self.search = lattice_faster.LatticeFasterDecoder(graph.hclg, beam, lattice_beam, max_active)
 
     def decode(self, loglikes: np.ndarray, lmwts, penalties):
         """(the search's own 1-best as (word ids, graph cost, acoustic cost) or None when
         nothing survived, {(LMWT, WIP): word ids}, whether a final state was reached)."""
-        scores = (self.acwt * loglikes[:, self.graph.tid2pdf[1:]]).astype(np.float32)
-        self._decoder.decode(self.kaldi_decoder.DecodableCtc(scores))
-        if self.search == "faster":
-            reached_final = bool(self._decoder.reached_final())
-            ok, path = self._decoder.get_best_path()
-            if not ok or path.num_states == 0:
-                return None, {}, reached_final
-            _, _, words, weight = self.kaldifst.get_linear_symbol_sequence(path)
-            best = ([w for w in words if w], float(weight.value1), float(weight.value2))
-            return best, {(lmwt, wip): best[0] for lmwt in lmwts for wip in penalties}, reached_final
-        reached_final = bool(np.isfinite(self._decoder.final_relative_cost()))
-        ok, lattice = self._decoder.get_raw_lattice()
-        if not ok or lattice.num_states == 0:
+        lattice, reached_final = self.search.decode(loglikes, self.acwt)
+        if lattice is None:
             return None, {}, reached_final
         combos = [(lmwt, wip) for wip in penalties for lmwt in lmwts]
         scales = np.array([1.0] + [1.0 / (self.acwt * lmwt) for lmwt, _ in combos])
         wips = np.array([0.0] + [float(wip) for _, wip in combos])
-        results = lattice_best_paths(from_kaldifst(lattice), scales, wips)
+        results = lattice_faster.best_paths(lattice, scales, wips)
         return results[0], {combo: words for combo, (words, _, _) in zip(combos, results[1:])}, reached_final
-
-
-def lattice_best_paths(lat, acoustic_scales: np.ndarray, penalties: np.ndarray) -> list:
-    """Best paths of an acyclic lattice under K weightings at once: path k minimises
-    sum(graph + penalties[k] * [word]) + acoustic_scales[k] * sum(acoustic).
-
-    Kahn's algorithm, one frontier at a time: a state whose incoming arcs are all
-    done has its final costs (K of them) and pushes them along its outgoing
-    arcs, vectorised over (arcs x K).  Back-pointers are read off at the end:
-    an arc is on a best path where cost[src] + w = cost[dst].
-    Returns [(word ids, graph cost, acoustic cost)] per weighting.
-    """
-    num_states, arcs, start = lat.num_states, lat.arcs, lat.start
-    src, dst = lat.sources().astype(np.int64), arcs["nextstate"].astype(np.int64)
-    graph = arcs["weight"][:, 0].astype(np.float64)
-    acoustic = arcs["weight"][:, 1].astype(np.float64)
-    weights = graph[:, None] + penalties[None] * (arcs["olabel"] != 0)[:, None] + acoustic[:, None] * acoustic_scales
-    k = len(acoustic_scales)
-    cells = dst[:, None] * k + np.arange(k)            # (arc, weighting) -> cell of cost
-    cost = np.full((num_states, k), np.inf)
-    cost[start] = 0.0
-    flat_cost = cost.reshape(-1)
-    remaining = np.bincount(dst, minlength=num_states)
-    counts = np.diff(lat.offsets)
-    frontier, done = np.array([start]), 0
-    if remaining[start]:
-        raise DecodeError("the decoder's lattice has an arc into its start state")
-    while len(frontier):
-        done += len(frontier)
-        n = counts[frontier]
-        out = np.repeat(lat.offsets[frontier] - np.cumsum(n) + n, n) + np.arange(n.sum())
-        np.minimum.at(flat_cost, cells[out].ravel(), (cost[src[out]] + weights[out]).ravel())
-        targets = dst[out]
-        np.subtract.at(remaining, targets, 1)
-        frontier = np.unique(targets[remaining[targets] == 0])
-    if done != num_states:
-        raise DecodeError("the decoder's lattice is cyclic or has unreachable states")
-    on_best = np.isclose(cost[src] + weights, cost[dst], rtol=0, atol=1e-9) & np.isfinite(cost[dst])
-    back = np.full((num_states, k), -1, np.int64)
-    rows, cols = np.nonzero(on_best)
-    back[dst[rows], cols] = rows
-    final = lat.final.astype(np.float64)
-    total = cost + final[:, :1] + final[:, 1:] * acoustic_scales
-    olabel = arcs["olabel"].tolist()
-    out_paths = []
-    for j, s in enumerate(np.argmin(total, axis=0).tolist()):
-        if not np.isfinite(total[s, j]):
-            out_paths.append(([], np.inf, np.inf))
-            continue
-        words, g, a = [], float(final[s, 0]), float(final[s, 1])
-        column = back[:, j]
-        while s != start:
-            arc = int(column[s])
-            if olabel[arc]:
-                words.append(olabel[arc])
-            g, a = g + graph[arc], a + acoustic[arc]
-            s = int(src[arc])
-        out_paths.append((words[::-1], g, a))
-    return out_paths
 
 
 # --------------------------------------------------------------------------- log-likelihood sources
@@ -359,13 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="Kaldi data directory (feats.scp) to run --model on")
     source.add_argument("--loglikes", help="rspecifier of per-utterance pdf log-likelihood matrices")
-    p.add_argument("--decoder", choices=("lattice", "faster"), default="lattice",
-                   help="lattice: LatticeSimpleDecoder, 1-best for every LM weight and penalty; faster: "
-                   "FasterDecoder with --max-active, the 1-best at LM weight 1/acwt only")
     p.add_argument("--acwt", type=float, default=0.1, help="acoustic scale of the decoder")
     p.add_argument("--beam", type=float, default=13.0, help="decoding beam")
-    p.add_argument("--lattice-beam", type=float, default=6.0, help="lattice beam (--decoder lattice)")
-    p.add_argument("--max-active", type=int, default=7000, help="most active tokens per frame (--decoder faster)")
+    p.add_argument("--lattice-beam", type=float, default=6.0,
+                   help="lattice beam: how much worse than the best a lattice path may be")
+    p.add_argument("--max-active", type=int, default=7000, help="most tokens a frame expands")
     p.add_argument("--lmwt", default=None, help="LM weights MIN:MAX for the 1-best hypotheses (default 7:17)")
     p.add_argument("--word-ins-penalty", default=None,
                    help="comma-separated word insertion penalties (default 0.0,0.5,1.0)")
@@ -381,11 +292,6 @@ def scoring_grid(args) -> tuple[list[int], list[str]]:
     """The (LM weights, word insertion penalties) to write hypotheses for."""
     if not args.acwt > 0:
         raise DecodeError(f"--acwt must be > 0, got {args.acwt}")
-    if args.decoder == "faster":
-        if args.lmwt is not None or args.word_ins_penalty is not None:
-            raise DecodeError("--decoder faster gives the 1-best at LM weight 1/acwt only; "
-                              "--lmwt and --word-ins-penalty need --decoder lattice")
-        return [max(1, round(1.0 / args.acwt))], ["0.0"]
     return parse_lmwt(args.lmwt or "7:17"), parse_penalties(args.word_ins_penalty or "0.0,0.5,1.0")
 
 
@@ -400,7 +306,7 @@ def _rank_work(args, dist) -> Graph:
             raise DecodeError("--data needs --model (or give --loglikes)")
         ref = scoring.read_text(args.ref) if args.ref else None
         graph = Graph(args.graph_dir, args.transition_model)
-        decoder = Decoder(graph, args.acwt, args.beam, args.lattice_beam, args.max_active, args.decoder)
+        decoder = Decoder(graph, args.acwt, args.beam, args.lattice_beam, args.max_active)
         if args.data is not None:
             from ngsgd_mpi import backend  # noqa: PLC0415
 

@@ -182,7 +182,7 @@ def arpa_to_fst(arpa_path: str, words_txt: str) -> ArcFst:
     symbol table ``words_txt`` (which must have ``#0``); n-grams with words
     outside the table are skipped, as Kaldi's arpa2fst does."""
     read_arpa(arpa_path)
-    kaldilm = decoding_modules()[2]
+    kaldilm = decoding_modules()[1]
     with tempfile.TemporaryDirectory(prefix="ngsgd-lm-") as tmp, tempfile.TemporaryFile(mode="w+b") as log:
         g_path = os.path.join(tmp, "G.fst")
         saved = os.dup(2)

@@ -15,7 +15,7 @@ import pytest
 # The Kaldi wheels' shared libraries deadlock in their static initialisers when kaldi-hmm-gmm (a
 # test oracle) or kaldifst is loaded after kaldilm: load them once, in the one order that works,
 # before any test module imports one of them (kaldi.fst.decoding_modules keeps the same order).
-for _name in ("kaldifst", "kaldi_decoder", "kaldi_hmm_gmm", "kaldilm"):
+for _name in ("kaldifst", "kaldi_hmm_gmm", "kaldilm"):
     try:
         importlib.import_module(_name)
     except ImportError:

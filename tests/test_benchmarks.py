@@ -108,7 +108,7 @@ def test_bench_decode_tiny(tmp_path):
 
     yesno.require()
     kaldiio = pytest.importorskip("kaldiio")
-    pytest.importorskip("kaldi_decoder")
+    pytest.importorskip("kaldi_hmm_gmm")
     lls = dict(list(yesno.loglikes().items())[:2])
     kaldiio.save_ark(str(tmp_path / "ll.ark"), lls, scp=str(tmp_path / "ll.scp"))
     out = tmp_path / "decode.json"
@@ -116,5 +116,6 @@ def test_bench_decode_tiny(tmp_path):
                         "--utterances", "2", "--acwt", str(yesno.ACWT), "--reps", "1", "--json", str(out))
     report = json.loads(out.read_text())
     assert report["frames"] == sum(len(v) for v in lls.values())
-    assert {(r["graph"], r["search"]) for r in report["runs"]} == {("yesno", "lattice"), ("yesno", "faster")}
+    assert {(r["graph"], r["search"]) for r in report["runs"]} == {("yesno", "ours"), ("yesno", "kaldi")}
+    assert [r.get("same_1best") for r in report["runs"]] == [None, 2]
     assert all(r["frames_per_s"] > 0 for r in report["runs"]) and "frames/s" in stdout

@@ -11,13 +11,13 @@ import synthetic
 import yesno
 from ngsgd_mpi import decode, faults, inference
 from ngsgd_mpi.kaldi.pipeline import InputPipeline
-from ngsgd_mpi.kaldi.fst import parse_text_fst, write_fst
+from ngsgd_mpi.kaldi.fst import ARC_DTYPE, ArcFst, parse_text_fst, write_fst
 from ngsgd_mpi.kaldi.model import HmmTopology, TransitionModel
 from ngsgd_mpi.model import Model
 from ngsgd_mpi.network import Network, NetworkConfig
 
 kaldiio = pytest.importorskip("kaldiio")
-pytest.importorskip("kaldi_decoder")
+pytest.importorskip("numba")
 pytest.importorskip("kaldialign")
 
 
@@ -53,14 +53,13 @@ def decode_log(out_dir):
     return result
 
 
-@pytest.mark.parametrize("search", ["lattice", "faster"])
-def test_yesno_gives_kaldis_words_and_likelihoods(yesno_loglikes, tmp_path, search):
+def test_yesno_gives_kaldis_words_and_likelihoods(yesno_loglikes, tmp_path):
     """GMM log-likelihoods of Kaldi's final.mdl on apply-cmvn + add-deltas features,
     decoded on Kaldi's const HCLG.fst: Kaldi's words for all 29 utterances, its
     per-frame log-likelihood of the best path, its hypothesis files byte for byte."""
     out = tmp_path / "decode"
     code, stdout, stderr = run_decode("--graph-dir", yesno.GRAPH, "--loglikes", f"scp:{yesno_loglikes}",
-                                      "--acwt", yesno.ACWT, "--ref", yesno.TEXT, "--out", out, "--decoder", search)
+                                      "--acwt", yesno.ACWT, "--ref", yesno.TEXT, "--out", out)
     assert code == 0, stderr
     kaldi = yesno.kaldi_decode_log()
     ours = decode_log(out)
@@ -73,8 +72,7 @@ def test_yesno_gives_kaldis_words_and_likelihoods(yesno_loglikes, tmp_path, sear
         kaldi_best = f.read().split(" exp/")[0]
     with open(out / "scoring_kaldi" / "best_wer") as f:
         assert f.read().startswith(kaldi_best)
-    lmwts = range(7, 18) if search == "lattice" else [12]              # faster: LMWT = 1 / acwt only
-    for lmwt in lmwts:
+    for lmwt in range(7, 18):
         with open(os.path.join(kaldi_scoring, "penalty_0.0", f"{lmwt}.txt"), "rb") as f:
             assert (out / "scoring_kaldi" / "penalty_0.0" / f"{lmwt}.txt").read_bytes() == f.read()
     assert "WER 0.00 %" in stdout and not any(p.name.startswith(".part") for p in out.iterdir())
@@ -193,6 +191,9 @@ def test_bad_input_is_one_line(yesno_loglikes, tmp_path):
     (broken / "words.txt").write_text(open(os.path.join(yesno.GRAPH, "words.txt")).read())
     (broken / "HCLG.fst").write_bytes(open(os.path.join(yesno.GRAPH, "HCLG.fst"), "rb").read()[:500])
     assert_bad(*run_decode("--graph-dir", broken, *ok, "--out", out)[::2], "truncated", out)
+    write_fst(ArcFst(-1, np.zeros(0, np.float32), np.zeros(1, np.int64), np.zeros(0, ARC_DTYPE)),
+              str(broken / "HCLG.fst"))
+    assert_bad(*run_decode("--graph-dir", broken, *ok, "--out", out)[::2], "the graph is empty", out)
     # a reference without one of the decoded utterances
     ref = tmp_path / "ref"
     ref.write_text("".join(open(yesno.TEXT).readlines()[1:]))
@@ -204,8 +205,6 @@ def test_bad_input_is_one_line(yesno_loglikes, tmp_path):
                            "--out", out)[::2], "11 pdfs", out)
     # options
     assert_bad(*run_decode("--graph-dir", yesno.GRAPH, *ok, "--lmwt", "9:7", "--out", out)[::2], "--lmwt")
-    assert_bad(*run_decode("--graph-dir", yesno.GRAPH, *ok, "--decoder", "faster", "--lmwt", "9:10",
-                           "--out", out)[::2], "--decoder lattice")
     assert_bad(*run_decode("--graph-dir", yesno.GRAPH, "--data", tmp_path, "--out", out)[::2], "--model")
     assert_bad(*run_decode("--graph-dir", tmp_path, *ok, "--out", out)[::2], "--transition-model")
 

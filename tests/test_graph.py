@@ -53,7 +53,7 @@ def test_yesno_graph_decodes_like_kaldis(tmp_path):
     write_fst(hclg, str(ours_dir / "HCLG.fst"))
     (ours_dir / "words.txt").write_text(open(os.path.join(kaldi_dir, "words.txt")).read())
     (ours_dir / "trans.mdl").write_text(tm.to_text())
-    decoders = [decode.Decoder(decode.Graph(d), yesno.ACWT, search="faster") for d in (str(ours_dir), kaldi_dir)]
+    decoders = [decode.Decoder(decode.Graph(d), yesno.ACWT) for d in (str(ours_dir), kaldi_dir)]
     for utt, ll in yesno.loglikes().items():
         (words, g, a), _, _ = decoders[0].decode(ll, [12], ["0.0"])
         (kwords, kg, ka), _, _ = decoders[1].decode(ll, [12], ["0.0"])
@@ -102,12 +102,11 @@ def test_word_graph_known_answers(tmp_path, kind):
     if triphones:
         assert label_set.num_classes > 120
     g = decode.Graph(str(tmp_path / "graph"))
-    for search in ("lattice", "faster"):
-        decoder = decode.Decoder(g, 0.1, search=search)
-        for words in (["CAT", "ACT"], ["TACK", "AT", "CAT"], ["AT"], ["TAT", "TACK"]):
-            best, hyps, final = decoder.decode(loglikes_for(label_set, words), [10], ["0.0"])
-            assert final and [g.words[w] for w in best[0]] == words
-            assert [g.words[w] for w in hyps[(10, "0.0")]] == words
+    decoder = decode.Decoder(g, 0.1)
+    for words in (["CAT", "ACT"], ["TACK", "AT", "CAT"], ["AT"], ["TAT", "TACK"]):
+        best, hyps, final = decoder.decode(loglikes_for(label_set, words), [10], ["0.0"])
+        assert final and [g.words[w] for w in best[0]] == words
+        assert [g.words[w] for w in hyps[(10, "0.0")]] == words
 
 
 def test_phone_graph_outputs_phones(tmp_path):

@@ -343,21 +343,19 @@ def read_symbol_table(path: str, what: str = "symbol table") -> dict[str, int]:
 # --------------------------------------------------------------------------- kaldifst bridge
 
 def decoding_modules():
-    """(kaldifst, kaldi_decoder, kaldilm), imported in an order that works.
+    """(kaldifst, kaldilm), imported in an order that works.
 
-    Importing kaldilm before kaldifst, kaldi_decoder or kaldi-hmm-gmm hangs the
-    process in a shared library's initialiser (seen with kaldilm 1.15.5,
-    kaldifst 1.7.17, kaldi-decoder 0.2.11, kaldi-hmm-gmm 1.1.4), so every use
-    goes through here: kaldifst, then kaldi_decoder, kaldilm last (the tests
-    load kaldi-hmm-gmm, their oracle, before kaldilm: tests/conftest.py)."""
+    Importing kaldilm before kaldifst (or kaldi-hmm-gmm) hangs the process in a
+    shared library's initialiser (seen with kaldilm 1.15.5, kaldifst 1.7.17,
+    kaldi-hmm-gmm 1.1.4), so every use goes through here, kaldilm last (the
+    tests load kaldi-hmm-gmm, their oracle, before kaldilm: tests/conftest.py)."""
     try:
         import kaldifst  # noqa: PLC0415 - optional dependencies (the 'decode' extra)
-        import kaldi_decoder  # noqa: PLC0415
         import kaldilm  # noqa: PLC0415
     except ImportError as exc:
         raise ImportError(f"decoding needs the 'decode' extra ({exc.name} is missing): "
                           "pip install 'ngsgd_mpi[decode]'") from exc
-    return kaldifst, kaldi_decoder, kaldilm
+    return kaldifst, kaldilm
 
 
 def kaldifst_module():
