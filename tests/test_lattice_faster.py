@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import yesno
+from synthetic import load_script
 from ngsgd_mpi import lattice_faster as lf
-from ngsgd_mpi.kaldi.fst import ARC_DTYPE, LATTICE_ARC_DTYPE, ArcFst, read_fst, to_kaldifst
+from ngsgd_mpi.kaldi.fst import ARC_DTYPE, LATTICE_ARC_DTYPE, ArcFst, read_fst
 
 khg = pytest.importorskip("kaldi_hmm_gmm")        # after kaldifst (tests/conftest.py loads them in order)
 
@@ -26,31 +27,7 @@ def random_graph(rng, num_states=60, num_tids=12, words=6):
     return ArcFst.from_arcs(num_states, 0, sources, np.array(arcs, ARC_DTYPE), final)
 
 
-class Kaldi:
-    """Kaldi's LatticeFasterDecoder (kaldi-hmm-gmm) with our search's settings; its
-    1-best only (the binding returns no lattice).  The TransitionModel the binding
-    wants is only used to determinize, which is off: a one-phone model stands in."""
-
-    TOPOLOGY = ("<Topology> <TopologyEntry> <ForPhones> 1 </ForPhones> <State> 0 <PdfClass> 0 "
-                "<Transition> 0 0.5 <Transition> 1 0.5 </State> <State> 1 </State> </TopologyEntry> </Topology>")
-
-    def __init__(self, fst: ArcFst, search: lf.LatticeFasterDecoder):
-        topology = khg.HmmTopology()
-        topology.read(self.TOPOLOGY)
-        tree = khg.monophone_context_dependency(topology.phones, topology.get_phone_to_num_pdf_classes())
-        self.trans_model = khg.TransitionModel(tree, topology)
-        config = khg.LatticeFasterDecoderConfig(beam=search.beam, max_active=search.max_active,
-                                                min_active=search.min_active, lattice_beam=search.lattice_beam,
-                                                determinize_lattice=False)
-        self.fst = to_kaldifst(fst)                     # the decoder keeps a pointer to it
-        self.decoder = khg.LatticeFasterDecoderStdVectorFst(self.fst, config)
-
-    def best(self, scores):
-        """(words, graph + acoustic cost) of the 1-best; scores[t, k - 1] = acwt * L of transition-id k."""
-        ok, _, words, likelihood = khg.decode_utterance_lattice_faster(
-            self.decoder, khg.DecodableCtc(scores.astype(np.float32)), self.trans_model, "u", True)
-        assert ok
-        return list(words), -likelihood
+Kaldi = load_script("bench_decode").KaldiLatticeFaster      # Kaldi's C++ search, its 1-best
 
 
 def our_best(search, loglikes, acwt):
