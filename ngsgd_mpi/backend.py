@@ -27,6 +27,8 @@ ctypes -- one BLAS and one thread pool (a second OpenBLAS, e.g. SciPy's,
 busy-waits against NumPy's with 2 threads: see docs/benchmarks.md) -- and
 fall back to ``numpy.matmul`` / ``numpy.linalg.inv`` where that library does
 not export CBLAS/LAPACKE; on a device they use the array module.
+:func:`row_dots` (row-wise dot products, the online preconditioner's row
+norms) is ``numpy.vecdot`` on the host and einsum on a device.
 
 GPU paths have NOT run on a real GPU in this project (there is none); the
 stand-in checks where data moves, and tests run the engine on it.
