@@ -63,7 +63,10 @@ W Wᵀ = O (= diag(e) up to float32 drift)::
 
     ||x̂_n||² = ||x_n||² + h_nᵀ (O − 2I) h_n
 
-in float64 with the actual O (recomputed when W changes).  This cancels
+with the actual O (recomputed when W changes): its diagonal part
+Σ_i (O_ii − 2) h_ni² in float64, the off-diagonal part (O's float32 drift
+from diag(e), |O_ij| << 1, so its rounding error is negligible) in the
+working dtype, which halves the cost of the N·r² product.  This cancels
 when X lies mostly in the preconditioned subspace: the error is about
 κ · 1e-7 relative, κ = tr(XXᵀ)/tr(X̂X̂ᵀ) (κ <= 6 in the training runs
 measured; 1.4e4 on the alpha = 0 golden case).  κ is known on the host only
@@ -203,7 +206,7 @@ SCHEDULES = {"nnet2": Nnet2Schedule(), "nnet3": Nnet3Schedule()}
 class _Pending(NamedTuple):
     """The host half of an updating call, not yet done."""
 
-    values: Any     # float64 device vector [tr XXᵀ, tr X̂X̂ᵀ, K (r²), L (r²)]
+    values: tuple   # device arrays for the host: tr XXᵀ, tr X̂X̂ᵀ (0-d), K, L (r x r)
     J: Any          # Hᵀ X (r x D), a workspace array (kept until the update is finished)
     W: Any          # the W of the call
     N: int
@@ -236,9 +239,10 @@ class DeferredUpdates:
         """The transfers, the host eigenproblems, the new W uploaded."""
         members = [p for p in self._members if p._pending is not None]
         self._members = []
+        host = _to_host_together([v for p in members for v in p._pending.values])
         checks = []
-        for p, values in zip(members, _to_host_together([p._pending.values for p in members])):
-            check = p._finish(values)
+        for i, p in enumerate(members):
+            check = p._finish(host[4 * i:4 * i + 4])
             if check is not None:
                 checks.append((p, check))
         for (p, check), gram in zip(checks, _to_host_together([c.gram for _, c in checks])):
@@ -246,10 +250,13 @@ class DeferredUpdates:
 
 
 def _to_host_together(arrays) -> list[np.ndarray]:
-    """Host copies of device arrays with one transfer (views of one buffer)."""
+    """Host copies of device arrays with one transfer (views of one buffer);
+    host arrays as they are (nothing to move, nothing to pack)."""
     if not arrays:
         return []
     xp = backend.array_module(arrays[0])
+    if xp is np:
+        return arrays
     flat = [a.ravel() for a in arrays]
     host = backend.to_host(flat[0] if len(flat) == 1 else xp.concatenate(flat))
     parts, start = [], 0
@@ -304,6 +311,7 @@ class OnlineNaturalGradient:
         self.work = Workspace()                # H, J, K, L, ... of the current call
         self._pending: _Pending | None = None  # an updating call's host half, when deferred
         self._derived: tuple = (None, {})      # (W, arrays computed from that W)
+        self._e_cache: tuple = (None, 0.0, None)   # (d, rho, (1/e, 1/√e, Σd)) of the last d (O1)
 
     # ------------------------------------------------------------------ public
     def precondition(self, X, out=None, row_norms: bool = False, factored: bool = False,
@@ -355,6 +363,7 @@ class OnlineNaturalGradient:
         self.state = OnlineNGState()
         self._pending = None
         self._derived = (None, {})
+        self._e_cache = (None, 0.0, None)
         self.work.clear()
 
     def state_dict(self) -> dict:
@@ -420,10 +429,13 @@ class OnlineNaturalGradient:
         # J and tr(XXᵀ) before X̂ is written (out may be X)
         J = xp.matmul(H.T, X, out=work.array("J", (R, D), X.dtype, xp)) if updating else None
         if factored and st.kappa <= KAPPA_LIMIT:      # (O11): X̂ not formed
-            x_sq = xp.einsum("ij,ij->i", X, X).astype(f64)
+            x_sq = backend.row_dots(X, X).astype(f64)
             tr_X = x_sq.sum()
-            H64 = H.astype(f64)
-            rows = xp.einsum("ij,ij->i", xp.matmul(H64, self._derived_array("gram_minus_two", W)), H64)
+            # hᵀ(O − 2I)h: the diagonal part, which cancels against ||x||², in
+            # float64; the off-diagonal part (O's roundoff drift from diag(e), |O_ij| << 1)
+            # in X's dtype: an N·r² GEMM in float32 instead of float64.
+            rows = xp.matmul(xp.square(H.astype(f64)), self._derived_array("gram_diagonal", W))
+            rows += backend.row_dots(xp.matmul(H, self._derived_array("gram_off_diagonal", W)), H)
             rows += x_sq
             xp.maximum(rows, 0.0, out=rows)           # roundoff must not make a norm negative
             tr_X_hat = rows.sum()
@@ -442,24 +454,19 @@ class OnlineNaturalGradient:
                 xp.matmul(H, W, out=HW)
                 X_hat = xp.subtract(X, HW, out=out)
             if row_norms:
-                rows = xp.einsum("ij,ij->i", X_hat, X_hat)
+                rows = backend.row_dots(X_hat, X_hat)
                 tr_X_hat = rows.sum()
             else:
                 rows, tr_X_hat = None, _squared_norm(X_hat)
         gamma = _gamma(self.schedule, tr_X, tr_X_hat, xp)
         pending = None
-        if updating:
-            values = work.array("values", (2 + 2 * R * R,), f64, xp)
-            values[0] = tr_X
-            values[1] = tr_X_hat
+        if updating:        # K and L stay in the workspace until the update is finished
             if N <= D:
                 L = xp.matmul(H.T, H, out=work.array("L", (R, R), X.dtype, xp))
             else:
                 L = xp.matmul(W, J.T, out=work.array("L", (R, R), X.dtype, xp))
-            matrices = values[2:].reshape(2, R, R)
-            matrices[0] = xp.matmul(J, J.T, out=work.array("K", (R, R), X.dtype, xp))
-            matrices[1] = L
-            pending = _Pending(values=values, J=J, W=W, N=N, seed=st.t)
+            K = xp.matmul(J, J.T, out=work.array("K", (R, R), X.dtype, xp))
+            pending = _Pending(values=(tr_X, tr_X_hat, K, L), J=J, W=W, N=N, seed=st.t)
         return X_hat, gamma, (rows if row_norms else None), pending
 
     def _identity(self, X, out, row_norms, factored, xp):
@@ -477,7 +484,7 @@ class OnlineNaturalGradient:
     def _finish_pending(self) -> None:
         """Finish a pending update alone (its own transfers)."""
         if self._pending is not None:
-            check = self._finish(backend.to_host(self._pending.values))
+            check = self._finish(_to_host_together(list(self._pending.values)))
             if check is not None:
                 self._check_orthonormal(check, backend.to_host(check.gram))
 
@@ -486,18 +493,16 @@ class OnlineNaturalGradient:
         the (O10) check still to do (its W'W'ᵀ is queued on the device), or None."""
         pending, self._pending = self._pending, None
         st = self.state
-        R, D = st.rank, st.dim
-        values = np.asarray(host_values, dtype=np.float64)
-        tr_X, tr_X_hat = float(values[0]), float(values[1])
+        tr_X, tr_X_hat, K, L = host_values
+        tr_X, tr_X_hat = float(tr_X), float(tr_X_hat)
         if not (math.isfinite(tr_X) and math.isfinite(tr_X_hat)):
             raise FloatingPointError("online NG: non-finite input (training diverged?)")
-        K, L = values[2:].reshape(2, R, R)
-        A, w, d_new, rho_new, inv_e_new, check_orthonormal = self._fisher_update(
-            K, L, self._inverse_e(st.d, st.rho, D), tr_X, pending.N, D)
+        A, w, d_new, rho_new, check_orthonormal = self._fisher_update(
+            K.astype(np.float64), L.astype(np.float64), tr_X, pending.N, st.dim)
         # W' = A B with B = J + diag(w) W (O7), (O9); B formed in J's buffer.
         W, J = pending.W, pending.J
         xp = backend.array_module(W)
-        wW = xp.multiply(W, backend.to_device(w, dtype=W.dtype, like=W)[:, None],
+        wW = xp.multiply(W, backend.to_device(w, dtype=W.dtype, like=W),
                          out=self.work.array("wW", W.shape, W.dtype, xp))
         B = xp.add(J, wW, out=J)
         W_new = xp.matmul(backend.to_device(A, dtype=W.dtype, like=W), B)
@@ -509,7 +514,8 @@ class OnlineNaturalGradient:
         # A B, amplified by an ill-conditioned A, is what it detects); it is
         # also the gram (O11) of W', kept for later calls if W' stays.
         gram = self._derived_array("gram", W_new)
-        return _Check(W=W_new, e=1.0 / inv_e_new, seed=pending.seed, gram=gram)
+        return _Check(W=W_new, e=1.0 / self._e_terms(d_new, rho_new, st.dim)[0],
+                      seed=pending.seed, gram=gram)
 
     def _check_orthonormal(self, check: "_Check", host_gram) -> None:
         """Second host half (O10), given the host copy of W'W'ᵀ."""
@@ -541,7 +547,8 @@ class OnlineNaturalGradient:
         """An array computed once per W (W is replaced, never modified):
         "transposed" = Wᵀ contiguous (X Wᵀ then runs as a GEMM without operand
         transposition, up to 1.5x faster for small N·D·r on OpenBLAS);
-        "gram" = W Wᵀ in float64 and "gram_minus_two" = W Wᵀ − 2I (O11)."""
+        "gram" = O = W Wᵀ in float64; for (O11) "gram_diagonal" = diag(O) − 2
+        (float64) and "gram_off_diagonal" = O − diag(O) in W's dtype."""
         if self._derived[0] is not W:
             self._derived = (W, {})
         arrays = self._derived[1]
@@ -552,9 +559,11 @@ class OnlineNaturalGradient:
                 value = xp.ascontiguousarray(W.T)
             elif name == "gram":
                 value = xp.matmul(W, W.T).astype(np.float64)
+            elif name == "gram_diagonal":
+                value = self._derived_array("gram", W).diagonal() - 2.0
             else:
-                value = self._derived_array("gram", W).copy()
-                value.ravel()[::value.shape[0] + 1] -= 2.0   # the diagonal (a view)
+                value = self._derived_array("gram", W).astype(W.dtype)
+                value.ravel()[::value.shape[0] + 1] = 0.0    # the diagonal (a view)
             arrays[name] = value
         return value
 
@@ -564,23 +573,30 @@ class OnlineNaturalGradient:
             return 1.0 / self.num_minibatches_history
         return min(MAX_ETA, 1.0 - math.exp(-N / self.num_samples_history))
 
-    def _inverse_e(self, d, rho, D):
-        """1 / e_i = beta / d_i + 1 (O1)."""
-        beta = rho * (1.0 + self.alpha) + self.alpha * float(d.sum()) / D
+    def _e_terms(self, d, rho, D):
+        """(1/e, 1/√e, Σd) for the coefficients (d, ρ), 1/e_i = β/d_i + 1 (O1);
+        cached for the last d (d is replaced, never modified)."""
+        cached_d, cached_rho, terms = self._e_cache
+        if cached_d is d and cached_rho == rho:
+            return terms
+        sum_d = float(d.sum())
+        beta = rho * (1.0 + self.alpha) + self.alpha * sum_d / D
         inv_e = beta / d
         inv_e += 1.0
-        return inv_e
+        terms = (inv_e, np.sqrt(inv_e), sum_d)
+        self._e_cache = (d, rho, terms)
+        return terms
 
-    def _fisher_update(self, K, L, inv_e, tr_X, N, D):
-        """Host float64 part of the update, (O5)-(O9), given 1/e.  Returns the
-        r x r matrix A and the vector w of W' = A (J + diag(w) W), the new d and
-        rho, the new 1/e, and whether orthonormality must be checked (O10)."""
+    def _fisher_update(self, K, L, tr_X, N, D):
+        """Host float64 part of the update, (O5)-(O9), given K and L (float64).
+        Returns the r x r matrix A and the r x 1 column w of
+        W' = A (J + diag(w) W), the new d and rho, and whether orthonormality
+        must be checked (O10)."""
         st = self.state
         d, rho = st.d, st.rho
+        inv_e, inv_sqrt_e, sum_d = self._e_terms(d, rho, D)
         eta = self._eta(N)
         a, b = eta / N, 1.0 - eta
-        sum_d = float(d.sum())
-        inv_sqrt_e = np.sqrt(inv_e)
         q = d + rho
         # (O8), with S = E^-½, Q = diag(q) (diagonal matrices commute); symmetrised,
         # as K and L are up to roundoff: with M = (a²/2) K + ab L Q,
@@ -600,16 +616,16 @@ class OnlineNaturalGradient:
             check_orthonormal = True
             c = np.maximum(c, c_floor)
         sqrt_c = np.sqrt(c)
-        rho_new = (a * tr_X + b * (D * rho + sum_d) - float(sqrt_c.sum())) / (D - len(q))   # (O6)
+        rho_new = (a * tr_X + b * (D * rho + sum_d) - float(sqrt_c.sum())) / (D - len(q))  # (O6)
         d_new = sqrt_c - rho_new                     # uses rho' before flooring, as Kaldi
         floor = max(EPSILON, DELTA * math.sqrt(max(c_max, c_floor)))
         rho_new = max(rho_new, floor)
         d_new = np.maximum(d_new, floor, out=d_new)
-        inv_e_new = self._inverse_e(d_new, rho_new, D)
-        w = (b / a) * q                              # (O7)
+        w = q[:, None]                               # (O7): w = (b/a) q, a column
+        w *= b / a
         A = U.T * inv_sqrt_e                         # (O9): A = a diag(√e'/√c) Uᵀ E^-½
-        A *= (a / (sqrt_c * np.sqrt(inv_e_new)))[:, None]
-        return A, w, d_new, float(rho_new), inv_e_new, check_orthonormal
+        A *= (a / (sqrt_c * self._e_terms(d_new, float(rho_new), D)[1]))[:, None]
+        return A, w, d_new, float(rho_new), check_orthonormal
 
     def _reorthonormalize(self, W_new, e_new, seed: int, gram_new):
         """(O10): make the rows of R' = E'^-½ W' orthonormal again if they

@@ -1,4 +1,4 @@
-"""backend.py: device selection, counted transfers, the SPD inverse."""
+"""backend.py: device selection, counted transfers, the SPD inverse, GEMM accumulation, row dots."""
 
 from __future__ import annotations
 
@@ -105,3 +105,21 @@ def test_gemm_accumulates_in_place_for_every_layout(dtype, tolerance, restore_cp
     backend.gemm(-1.0, backend.to_device(A), backend.to_device(B), 1.0, C)
     np.testing.assert_allclose(backend.to_host(C), 1.0 - A.astype(np.float64) @ B, rtol=tolerance,
                                atol=tolerance * 40)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_dots(dtype, restore_cpu):
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((37, 301)).astype(dtype)
+    B = rng.standard_normal((37, 301)).astype(dtype)
+    rows = backend.row_dots(A, B)
+    assert rows.dtype == dtype and rows.shape == (37,)
+    np.testing.assert_allclose(rows, np.einsum("ij,ij->i", A.astype(np.float64), B),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-4)
+    np.testing.assert_allclose(backend.row_dots(A[:, ::2], A[:, ::2]),     # strided views too
+                               np.einsum("ij,ij->i", A[:, ::2].astype(np.float64), A[:, ::2]),
+                               rtol=1e-5 if dtype == np.float32 else 1e-12)
+    backend.use_device("standin")                       # the device path: the host routine
+    device_rows = backend.row_dots(backend.to_device(A), backend.to_device(B))
+    assert backend.array_module(device_rows) is standin.xp
+    np.testing.assert_array_equal(backend.to_host(device_rows), rows)
