@@ -96,7 +96,7 @@ FINAL_DELTA = 1e-5           # relative tolerance of the final pruning's fixed p
 HASH_RATIO = 2.0             # Kaldi's --hash-ratio
 INF = np.inf
 # counters of Pools
-FREE_TOKENS, FREE_LINKS, OVERFLOW, PASSES, HASH_SIZE, ORDER_HEAD, TAIL_BUCKET = range(7)
+FREE_TOKENS, FREE_LINKS, OVERFLOW, HASH_SIZE, ORDER_HEAD, TAIL_BUCKET = range(6)
 
 
 class LatticeError(InputError):
@@ -109,10 +109,10 @@ STATE = np.dtype([("first", "<i4"), ("emitting", "<i4"), ("end", "<i4")])
 ARC = np.dtype([("pdf", "<i4"), ("nextstate", "<i4"), ("ilabel", "<i4"), ("olabel", "<i4"), ("weight", "<f8")])
 #: a token: an HCLG state alive at a frame.  cost: the best path cost from the start to
 #: it; extra: (F5); links: its first link (-1: none); next: the next token of its frame;
-#: visit: the last pruning pass that visited it; order: the next token of the newest
-#: frame in the order the search visits them (see _order_insert).
+#: order: the next token of the newest frame in the order the search visits them
+#: (see _order_insert).  32 bytes: two tokens per cache line.
 TOKEN = np.dtype([("cost", "<f8"), ("extra", "<f8"), ("links", "<i4"), ("next", "<i4"), ("state", "<i4"),
-                  ("visit", "<i4"), ("order", "<i4"), ("pad", "<i4")])
+                  ("order", "<i4")])
 #: a link: an arc a token took to ``dest``, with its graph cost g and acoustic cost a (F1)
 LINK = np.dtype([("dest", "<i4"), ("ilabel", "<i4"), ("olabel", "<i4"), ("next", "<i4"), ("graph", "<f8"),
                  ("acoustic", "<f8")])
@@ -153,8 +153,8 @@ class Pools(NamedTuple):
     token_free: np.ndarray
     links: np.ndarray         # LINK
     link_free: np.ndarray
-    counters: np.ndarray      # FREE_TOKENS, FREE_LINKS, OVERFLOW, PASSES (pruning passes so far), and
-                              # HASH_SIZE, ORDER_HEAD, TAIL_BUCKET of the visiting order (_order_insert)
+    counters: np.ndarray      # FREE_TOKENS, FREE_LINKS, OVERFLOW, and HASH_SIZE, ORDER_HEAD,
+                              # TAIL_BUCKET of the visiting order (_order_insert)
     frame_head: np.ndarray    # (frames + 1,) first token of each frame
     prune_links: np.ndarray   # (frames + 1,) Kaldi's must_prune_forward_links
     prune_tokens: np.ndarray  # (frames + 1,) Kaldi's must_prune_tokens
@@ -168,7 +168,7 @@ def new_pools(num_states: int, tokens: int, links: int, frames: int, hash_size: 
     """Empty pools; ``hash_size``: Kaldi's hash of the newest frame's tokens starts at 1000
     states and grows, never shrinks, over a decoder's utterances (it sets the visiting order)."""
     i32 = np.int32
-    counters = np.zeros(7, np.int64)
+    counters = np.zeros(6, np.int64)
     counters[HASH_SIZE] = hash_size
     return Pools(np.empty(tokens, TOKEN), np.empty(tokens, i32), np.empty(links, LINK), np.empty(links, i32),
                  counters, np.empty(frames + 1, i32), np.empty(frames + 1, np.bool_),
@@ -196,7 +196,7 @@ def _find_or_add(p, state, cost, frame):
     p.counters[FREE_TOKENS] = n - 1
     t = p.token_free[n - 1]
     tok = p.tokens[t]
-    tok.cost, tok.extra, tok.links, tok.state, tok.next, tok.visit = cost, 0.0, -1, state, p.frame_head[frame], -1
+    tok.cost, tok.extra, tok.links, tok.state, tok.next = cost, 0.0, -1, state, p.frame_head[frame]
     p.frame_head[frame] = t
     p.state_token[state] = t
     _order_insert(p, t, state)
@@ -401,20 +401,16 @@ def _prune_links(p, frame, delta, lattice_beam, at_end, final_costs, best_final)
     changed_any = pruned = False
     changed = True
     while changed:
-        changed = stale = False
-        p.counters[PASSES] += 1
-        visit = p.counters[PASSES] % (1 << 30)
+        changed = False
         t = p.frame_head[frame]
         while t >= 0:
             tok = p.tokens[t]
-            tok.visit = visit
             extra = tok.cost + final_costs[tok.state] - best_final if at_end else INF
             previous, k = -1, tok.links
             while k >= 0:
                 link = p.links[k]
                 following = link.next
                 dest = p.tokens[link.dest]
-                stale |= link.ilabel == 0 and dest.visit != visit      # read before its update this pass
                 e = dest.extra + (tok.cost + link.acoustic + link.graph - dest.cost)
                 if e > lattice_beam:
                     if previous >= 0:
@@ -436,9 +432,6 @@ def _prune_links(p, frame, delta, lattice_beam, at_end, final_costs, best_final)
             tok.extra = extra
             t = tok.next
         changed_any |= changed
-        # Kaldi repeats the pass until nothing changes; when no epsilon link read an extra
-        # cost before this pass updated it, a repeat would compute the same values.
-        changed &= stale
     return changed_any, pruned
 
 
@@ -592,9 +585,9 @@ def _best_paths(offsets, nextstate, olabel, graph, acoustic, final, start, scale
     back = np.full((num_states, k_count), -1, np.int64)
     ready = np.empty(num_states, np.int64)
     words = np.zeros((k_count, 0), np.int64)
-    totals = np.full(k_count, INF), np.full(k_count, INF), np.zeros(k_count, np.bool_)
+    graph_cost, acoustic_cost, found = np.full(k_count, INF), np.full(k_count, INF), np.zeros(k_count, np.bool_)
     if pending[start]:
-        return 1, words, totals[0], totals[1], totals[2]
+        return 1, words, graph_cost, acoustic_cost, found
     cost[start] = 0.0
     ready[0], n_ready, done = start, 1, 0
     while n_ready:
@@ -612,7 +605,7 @@ def _best_paths(offsets, nextstate, olabel, graph, acoustic, final, start, scale
                 ready[n_ready] = d
                 n_ready += 1
     if done != num_states:
-        return 2, words, totals[0], totals[1], totals[2]
+        return 2, words, graph_cost, acoustic_cost, found
     ends = np.full(k_count, -1, np.int64)
     lengths = np.zeros(k_count, np.int64)
     for k in range(k_count):
@@ -626,7 +619,6 @@ def _best_paths(offsets, nextstate, olabel, graph, acoustic, final, start, scale
             lengths[k] += olabel[back[s, k]] != 0
             s = src[back[s, k]]
     words = np.zeros((k_count, max(1, lengths.max())), np.int64)
-    graph_cost, acoustic_cost, found = totals
     for k in range(k_count):
         s = ends[k]
         if s < 0:

@@ -103,10 +103,10 @@ class KaldiLatticeFaster:
     TOPOLOGY = ("<Topology> <TopologyEntry> <ForPhones> 1 </ForPhones> <State> 0 <PdfClass> 0 "
                 "<Transition> 0 0.5 <Transition> 1 0.5 </State> <State> 1 </State> </TopologyEntry> </Topology>")
 
-    def __init__(self, fst, search: lattice_faster.LatticeFasterDecoder):
+    def __init__(self, fst, tid2pdf: np.ndarray, search: lattice_faster.LatticeFasterDecoder):
         import kaldi_hmm_gmm as khg  # noqa: PLC0415 - optional: the reference
 
-        self.khg = khg
+        self.khg, self.tid2pdf = khg, tid2pdf
         topology = khg.HmmTopology()
         topology.read(self.TOPOLOGY)
         tree = khg.monophone_context_dependency(topology.phones, topology.get_phone_to_num_pdf_classes())
@@ -117,21 +117,20 @@ class KaldiLatticeFaster:
         self.fst = to_kaldifst(fst)                     # the decoder keeps a pointer to it
         self.decoder = khg.LatticeFasterDecoderStdVectorFst(self.fst, config)
 
-    def best(self, scores: np.ndarray) -> tuple[list, float]:
-        """(words, graph + acoustic cost) of the 1-best; scores[t, k - 1] = acwt * L of
-        transition-id k at frame t (its DecodableCtc)."""
+    def best(self, loglikes: np.ndarray, acwt: float) -> tuple[list, float]:
+        """(words, graph + acoustic cost) of the 1-best of (T x pdfs) log-likelihoods."""
+        scores = (acwt * loglikes[:, self.tid2pdf[1:]]).astype(np.float32)   # DecodableCtc: label k = column k-1
         ok, _, words, likelihood = self.khg.decode_utterance_lattice_faster(
-            self.decoder, self.khg.DecodableCtc(np.asarray(scores, np.float32)), self.trans_model, "utt", True)
+            self.decoder, self.khg.DecodableCtc(scores), self.trans_model, "utt", True)
         return (list(words), -likelihood) if ok else ([], np.inf)
 
 
-def time_kaldi(kaldi: KaldiLatticeFaster, utts, acwt: float, tid2pdf: np.ndarray) -> dict:
+def time_kaldi(kaldi: KaldiLatticeFaster, utts, acwt: float) -> dict:
     seconds, words = 0.0, []
     wall = time.perf_counter()
     for _, ll in utts:
-        scores = acwt * ll[:, tid2pdf[1:]]
         t0 = time.process_time()
-        words.append(kaldi.best(scores)[0])
+        words.append(kaldi.best(ll, acwt)[0])
         seconds += time.process_time() - t0
     return {"search_s": seconds, "paths_s": 0.0, "states": 0, "wall_s": time.perf_counter() - wall, "words": words}
 
@@ -165,15 +164,14 @@ def main(argv=None) -> int:
         for name, path in graphs.items():
             ours = decode.Decoder(decode.Graph(path), args.acwt, args.beam, args.lattice_beam, args.max_active)
             ours.decode(utts[0][1][:10], [10], ["0.0"])                     # compiled before it is timed
-            tid2pdf = read_transition_model(ours.graph.transition_model).tid2pdf
             for search in args.searches.split(","):
-                decoders[(name, search)] = ours if search == "ours" else \
-                    (KaldiLatticeFaster(read_fst(os.path.join(path, "HCLG.fst")), ours.search), tid2pdf)
+                decoders[(name, search)] = ours if search == "ours" else KaldiLatticeFaster(
+                    read_fst(os.path.join(path, "HCLG.fst")),
+                    read_transition_model(ours.graph.transition_model).tid2pdf, ours.search)
         best: dict = {}
         for rep in range(args.reps):
             for key, decoder in decoders.items():
-                timed = time_ours(decoder, utts) if key[1] == "ours" else \
-                    time_kaldi(decoder[0], utts, args.acwt, decoder[1])
+                timed = time_ours(decoder, utts) if key[1] == "ours" else time_kaldi(decoder, utts, args.acwt)
                 total = timed["search_s"] + timed["paths_s"]
                 if key not in best or total < best[key]["search_s"] + best[key]["paths_s"]:
                     best[key] = timed
