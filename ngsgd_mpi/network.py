@@ -32,6 +32,9 @@ Training pass: ``forward(X, train=True)`` caches what ``backward`` needs;
 derivative G (``layer.input``, ``layer.out_deriv``) for the updater
 (optim.py), computed with the pre-update parameters.  The objective is the
 summed frame log-likelihood ``sum_n log p_n(label_n)`` (maximised).
+:meth:`Network.reserve_rows` gives the layers' training buffers spare rows,
+which :meth:`Network.with_rows_after` hands out (the online updater's stacked
+GEMM, optim.py).
 """
 
 from __future__ import annotations
@@ -200,6 +203,26 @@ class Network:
             self.layers.remove(self.output_scale)
         self.output_scale = FixedScale(scales)
         self.layers.insert(len(self.layers) - 1, self.output_scale)
+
+    # ------------------------------------------------------------------ buffers
+
+    def reserve_rows(self, rows: int) -> None:
+        """Room for ``rows`` more rows after every 2-D training buffer of the
+        layers (``Workspace.reserve_rows``)."""
+        for layer in self.layers:
+            if hasattr(layer, "work"):
+                layer.work.reserve_rows(rows)
+
+    def with_rows_after(self, array, rows: int):
+        """``array`` (a layer's training buffer, e.g. an affine layer's
+        ``out_deriv``) extended by ``rows`` spare rows of its memory, or None
+        (``Workspace.with_rows_after``)."""
+        for layer in self.layers:
+            if hasattr(layer, "work"):
+                extended = layer.work.with_rows_after(array, rows)
+                if extended is not None:
+                    return extended
+        return None
 
     # ------------------------------------------------------------------ passes
 

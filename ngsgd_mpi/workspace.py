@@ -18,6 +18,13 @@ their results live in their workspace.
 Workspaces hold no state that matters for results: clearing one only costs
 reallocation.  :attr:`Workspace.nbytes` is what the memory report counts as
 "work buffers".
+
+Spare rows: with :meth:`Workspace.reserve_rows` every 2-D array gets room for
+k more rows after it in its role's memory, and :meth:`Workspace.with_rows_after`
+hands that room out as the (n + k) x d array whose first n rows are the
+array.  The online updater stacks k rows under a layer's output derivative G
+this way, so that Gᵀ X̂ and its low-rank correction are one GEMM (optim.py):
+the memory after the current array of a role is unused by this contract.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from ngsgd_mpi import backend
 class Workspace:
     """Named reusable arrays of one owner (see the module docstring)."""
 
-    __slots__ = ("_flat", "_views")
+    __slots__ = ("_flat", "_views", "_spare_rows")
 
     def __init__(self):
         self._flat: dict[str, object] = {}
         self._views: dict[str, object] = {}     # the last view handed out per role
+        self._spare_rows = 0                    # room reserved after every 2-D array
 
     def array(self, role: str, shape: tuple[int, ...], dtype, xp):
         """A C-contiguous ``xp`` array of ``shape`` and ``dtype`` for ``role``
@@ -43,12 +51,32 @@ class Workspace:
         if view is not None and view.shape == shape and view.dtype == dtype and type(view) is xp.ndarray:
             return view                         # the common case: same request as last time
         size = math.prod(shape)
+        capacity = size + (self._spare_rows * shape[1] if len(shape) == 2 else 0)
         flat = self._flat.get(role)
-        if (flat is None or flat.size < size or flat.dtype != dtype
+        if (flat is None or flat.size < capacity or flat.dtype != dtype
                 or backend.array_module(flat) is not xp):
-            flat = self._flat[role] = xp.empty(size, dtype=dtype)
+            flat = self._flat[role] = xp.empty(capacity, dtype=dtype)
         view = self._views[role] = flat[:size].reshape(shape)
         return view
+
+    def reserve_rows(self, rows: int) -> None:
+        """Give every later 2-D array room for ``rows`` more rows (arrays of
+        roles already allocated with less room are reallocated on their next
+        request)."""
+        if rows > self._spare_rows:
+            self._spare_rows = rows
+            self.clear()
+
+    def with_rows_after(self, view, rows: int):
+        """The (n + rows) x d array whose first n rows are ``view``, if ``view``
+        is this workspace's current 2-D array of some role and its memory has
+        the room; else None."""
+        for role, current in self._views.items():
+            if current is view:
+                needed = (view.shape[0] + rows) * view.shape[1] if view.ndim == 2 else -1
+                flat = self._flat[role]
+                return flat[:needed].reshape(view.shape[0] + rows, view.shape[1]) if 0 <= needed <= flat.size else None
+        return None
 
     def clear(self) -> None:
         """Drop every array (they are reallocated on the next request)."""

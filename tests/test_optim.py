@@ -41,11 +41,14 @@ def optimizer_config(cfg, **overrides):
     return OptimizerConfig(**{**options, **overrides})
 
 
-def replay(cfg, z, dtype=np.float32, output_form="auto", **overrides):
+def replay(cfg, z, dtype=np.float32, output_form="auto", g_in_layer_buffer=False, **overrides):
     """Per-step parameter changes of our updater on Kaldi's (X, G) sequence.
 
     Before each step the parameters are set to Kaldi's (the update does not
     depend on them), so each change is compared without accumulated roundoff.
+    ``g_in_layer_buffer``: G is written into the softmax layer's buffer, as a
+    backward pass leaves it (with the spare rows of the stacked GEMM), instead
+    of being an array of its own.
     Returns (our changes, Kaldi's changes), each a list of flat float64 vectors."""
     net, layer = single_layer(cfg, dtype)
     updater = make_updater(net, optimizer_config(cfg, **overrides))
@@ -59,6 +62,11 @@ def replay(cfg, z, dtype=np.float32, output_form="auto", **overrides):
         start = np.concatenate([layer.linear.ravel(), layer.bias]).astype(np.float64)
         layer.input = z[f"in_{i:03d}"].astype(dtype)
         layer.out_deriv = z[f"deriv_{i:03d}"].astype(dtype)
+        if g_in_layer_buffer:
+            G = net.layers[-1].work.array("probs", layer.out_deriv.shape, dtype, np)
+            G[...] = layer.out_deriv
+            layer.out_deriv = G
+            assert net.with_rows_after(G, cfg["rank_out"]) is not None
         updater.step(cfg["learning_rate"])
         ours.append(np.concatenate([layer.linear.ravel(), layer.bias]).astype(np.float64) - start)
         linear, bias = z[f"linear_{i:03d}"], z[f"bias_{i:03d}"]
@@ -284,15 +292,17 @@ def test_training_lowers_objective_and_online_ng_beats_sgd(seed):
     assert results["ng-online"][1] > results["sgd"][1] + 0.3, results
 
 
-@pytest.mark.parametrize("form", ["factored", "formed"])
-def test_online_output_forms_match_kaldi(form):
+@pytest.mark.parametrize("form, stacked", [("factored", False), ("factored", True), ("formed", False)])
+def test_online_output_forms_match_kaldi(form, stacked):
     """Both ways of applying the output-side preconditioner (Ĝ formed, or
-    Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H-based row norms) reproduce Kaldi's
-    updates; "auto" picks by multiply-add count (the golden shape: formed)."""
+    Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H-based row norms, as two GEMMs or,
+    with spare rows after G, as one stacked GEMM) reproduce Kaldi's updates;
+    "auto" picks by multiply-add count (the golden shape: formed)."""
     cfg, z = load_case(ONLINE_CASE)
-    ours, kaldi = replay(cfg, z, np.float32, output_form=form)
+    ours, kaldi = replay(cfg, z, np.float32, output_form=form, g_in_layer_buffer=stacked)
     assert max(relative_errors(ours, kaldi)) <= 5e-5        # measured 2.45e-5 for both forms
-    clipped, _ = replay(cfg, z, np.float64, output_form=form, max_change_per_sample=1e-3)
+    clipped, _ = replay(cfg, z, np.float64, output_form=form, g_in_layer_buffer=stacked,
+                        max_change_per_sample=1e-3)
     for change in clipped:                                   # max-change from the H-based norms
         assert np.linalg.norm(change) <= 1e-3 * 128 * (1 + 1e-9)
 
@@ -320,6 +330,37 @@ def test_online_auto_form_follows_the_cost_model():
     np.testing.assert_array_equal(params["auto"][0], params["factored"][0])
     np.testing.assert_array_equal(params["auto"][1], params["formed"][1])
     assert not np.array_equal(params["factored"][0], params["formed"][0])
+
+
+@pytest.mark.parametrize("nonlinearity, output_scale", [("pnorm", False), ("pnorm", True), ("relu", False)])
+def test_online_stacked_update_is_used_and_equals_two_gemms(nonlinearity, output_scale, monkeypatch):
+    """In a network every factored layer's G lies in a layer buffer with the
+    spare rows the updater reserved, so Ĝᵀ X̂ is the one stacked GEMM; the
+    steps equal the two-GEMM form (Gᵀ X̂, then − W_gᵀ (H_gᵀ X̂)) up to roundoff."""
+    extra = dict(relu_dim=30) if nonlinearity == "relu" else {}
+    config = NetworkConfig(input_dim=20, num_classes=50, num_hidden_layers=2, nonlinearity=nonlinearity,
+                           pnorm_input_dim=100, pnorm_output_dim=10, **extra)
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((32, 20)).astype(np.float32), rng.integers(0, 50, 32)) for _ in range(6)]
+    params, used = {}, {}
+    for stacked in (True, False):
+        net = Network(config, seed=0)
+        if output_scale:
+            net.set_output_scale(np.linspace(0.5, 2.0, 50).astype(np.float32))
+        updater = make_updater(net, OptimizerConfig(optimizer="ng-online", rank_in=4, rank_out=8))
+        updater.output_form = "factored"
+        found = net.with_rows_after
+        calls = used[stacked] = []
+        monkeypatch.setattr(net, "with_rows_after",
+                            lambda array, rows: calls.append(found(array, rows)) or calls[-1] if stacked else None)
+        for X, labels in batches * 2:
+            net.train_gradients(X, labels)
+            updater.step(0.01)
+        params[stacked] = net.params.copy()
+    # (a factored request is formed instead while kappa > KAPPA_LIMIT, on early steps)
+    assert len(used[True]) >= 12 * 3 / 2 and all(extended is not None for extended in used[True])
+    np.testing.assert_allclose(params[True], params[False], rtol=0, atol=5e-6 * np.abs(params[False]).max())
+    assert not np.array_equal(params[True], params[False])    # a different summation order
 
 
 @pytest.mark.parametrize("name", ["sgd", "ng-online", "ng-simple"])

@@ -21,3 +21,21 @@ def test_arrays_are_reused_by_role_and_grow_only():
     assert work.array("x", (5, 5), np.float64, np).dtype == np.float64   # dtype change: new
     work.clear()
     assert work.nbytes == 0
+
+
+def test_reserved_rows_extend_the_current_array_of_a_role():
+    work = Workspace()
+    before = work.array("x", (4, 5), np.float32, np)
+    assert work.with_rows_after(before, 2) is None            # no room reserved yet
+    work.reserve_rows(3)
+    a = work.array("x", (4, 5), np.float32, np)               # reallocated with room
+    a[...] = 7.0
+    extended = work.with_rows_after(a, 3)
+    assert extended.shape == (7, 5) and np.shares_memory(extended, a)
+    np.testing.assert_array_equal(extended[:4], a)
+    assert work.with_rows_after(a, 4) is None                 # more than reserved
+    assert work.with_rows_after(a.copy(), 1) is None          # not this workspace's array
+    assert work.with_rows_after(work.array("v", (6,), np.float32, np), 1) is None   # 1-D: no rows
+    smaller = work.array("x", (2, 5), np.float32, np)         # the room follows the current array
+    assert work.with_rows_after(a, 1) is None and work.with_rows_after(smaller, 5).shape == (7, 5)
+    assert work.nbytes == 4 * (7 * 5 + 6)
