@@ -158,7 +158,7 @@ def _limit_total_change(params, before, limit: float) -> None:
     minus_change -= params                                   # old − new
     norm = xp.sqrt(xp.vdot(minus_change, minus_change).astype(np.float64))
     over = norm > limit
-    minus_change *= xp.where(over, 1.0 - limit / xp.where(over, norm, 1.0), 0.0)
+    minus_change *= xp.where(over, 1.0 - limit / xp.where(over, norm, 1.0), 0.0).astype(params.dtype)
     params += minus_change
 
 
@@ -259,7 +259,7 @@ class OnlineNgUpdater(Updater):
             products = xp.multiply(rows_in[0], rows_out[0], dtype=np.float64)
             total = xp.sqrt(products, out=products).sum() * scale
             scale = scale * _scale_down_to(total, self.config.max_change_per_sample * N, xp)
-        xe *= scale                                            # X̂ times the step's scale
+        xe *= scale.astype(xe.dtype)       # X̂ times the step's scale (a float64 factor: a 6x slower loop)
 
         # [A, b] += Ĝᵀ X̂ (X̂ = xe: its first D_in columns, then the bias column)
         work = self._product_buffer(layer, xp)
@@ -324,12 +324,12 @@ class SimpleNgUpdater(Updater):
             total = (x.row_norms * g.row_norms).sum() * lr
             coefficient = _scale_down_to(total, self.config.max_change, xp) * lr
         xp_scaled = x.Q                                      # Xp times the step's scale
-        xp_scaled *= (x.row_scale * coefficient)[:, None]
+        xp_scaled *= (x.row_scale * coefficient).astype(xp_scaled.dtype)[:, None]
         work = self._product_buffer(layer, xp)
         if g.Q is not None:                                  # Gp formed: Gpᵀ (scaled Xp)
             g_scaled = g.Q
-            g_scaled *= g.row_scale[:, None]
+            g_scaled *= g.row_scale.astype(g_scaled.dtype)[:, None]
             _add_outer(layer, g_scaled, xp_scaled, work)
         else:                                                # Gᵀ (S⁻¹ diag(β_g) scaled Xp), (S4)
-            xp_scaled *= g.row_scale[:, None]
+            xp_scaled *= g.row_scale.astype(xp_scaled.dtype)[:, None]
             _add_outer(layer, G, xp.matmul(g.S_inv, xp_scaled), work)
