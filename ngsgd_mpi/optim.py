@@ -211,10 +211,12 @@ class OnlineNgUpdater(Updater):
       (``costs.use_factored_output``, the paper's 3000- and 2000-dim
       outputs): Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) (O11), computed as ONE GEMM
       over the stacked rows, [G; W_g]ᵀ [X̂; −H_gᵀ X̂]: W_g goes into r spare
-      rows after G (``network.reserve_rows``: G lives in a layer's buffer)
-      and H_gᵀ X̂ into r spare rows after X̂, so C = [A, b] is read and
-      written once (a separate rank-r GEMM costs a pass over C: measured
-      0.2-2 ms per paper-size layer).  Without the room, two GEMMs.
+      rows after G and H_gᵀ X̂ into r spare rows after X̂, so C = [A, b] is
+      read and written once (a separate rank-r GEMM costs a pass over C:
+      measured 0.2-2 ms per paper-size layer).  G lives in a layer's buffer:
+      the first factored update reserves the rows (``network.reserve_rows``)
+      and copies G once; so does a G that is no layer's buffer.  Every step
+      is then the same GEMM, and a resumed run stays bit-identical.
     * The step's scale s·mscale·lr, a device scalar, multiplies X̂
       (N x (D_in + 1)), not the D_out x D_in products, which go through one
       reused buffer.
@@ -240,7 +242,6 @@ class OnlineNgUpdater(Updater):
         self.output_side = [preconditioner(config.rank_out) for _ in layers]
         self.output_form = "auto"
         self._updates = DeferredUpdates()
-        network.reserve_rows(config.rank_out)      # room for W_g after G (the stacked GEMM)
 
     def _update_layer(self, index, layer, lr):
         X, G = layer.input, layer.out_deriv
@@ -270,17 +271,14 @@ class OnlineNgUpdater(Updater):
             return
         r = g_hat.W.shape[0]                                   # Ĝ = G − H_g W_g, unformed
         stacked_g = self.network.with_rows_after(G, r)
-        if stacked_g is not None:                              # [G; W_g]ᵀ [X̂; −H_gᵀ X̂]
-            stacked_x = extended[:N + r]
-            stacked_g[N:] = g_hat.W
-            minus_HtX = xp.matmul(g_hat.H.T, xe, out=stacked_x[N:])
-            minus_HtX *= -1.0
-            _add_outer(layer, stacked_g, stacked_x, work)
-        else:                                                  # Gᵀ X̂, then − W_gᵀ (H_gᵀ X̂)
-            _add_outer(layer, G, xe, work)
-            HtX = xp.matmul(g_hat.H.T, xe)                     # r x (D_in + 1)
-            matmul_add(layer.linear, g_hat.W.T, HtX[:, :D_in], alpha=-1.0, work=work)
-            layer.bias -= g_hat.W.T @ HtX[:, D_in]
+        if stacked_g is None:    # no spare rows after G: reserve them for later steps, copy G now
+            self.network.reserve_rows(self.config.rank_out)
+            stacked_g = xp.empty((N + r, D_out), dtype=G.dtype)
+            stacked_g[:N] = G
+        stacked_g[N:] = g_hat.W                                # [G; W_g]ᵀ [X̂; −H_gᵀ X̂]
+        minus_HtX = xp.matmul(g_hat.H.T, xe, out=extended[N:N + r])
+        minus_HtX *= -1.0
+        _add_outer(layer, stacked_g, extended[:N + r], work)
 
     def _finish_step(self):
         self._updates.finish()          # every side's Fisher update: one transfer, if any

@@ -63,6 +63,7 @@ def replay(cfg, z, dtype=np.float32, output_form="auto", g_in_layer_buffer=False
         layer.input = z[f"in_{i:03d}"].astype(dtype)
         layer.out_deriv = z[f"deriv_{i:03d}"].astype(dtype)
         if g_in_layer_buffer:
+            net.reserve_rows(cfg["rank_out"])                   # what the first factored step does
             G = net.layers[-1].work.array("probs", layer.out_deriv.shape, dtype, np)
             G[...] = layer.out_deriv
             layer.out_deriv = G
@@ -295,8 +296,8 @@ def test_training_lowers_objective_and_online_ng_beats_sgd(seed):
 @pytest.mark.parametrize("form, stacked", [("factored", False), ("factored", True), ("formed", False)])
 def test_online_output_forms_match_kaldi(form, stacked):
     """Both ways of applying the output-side preconditioner (Ĝ formed, or
-    Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H-based row norms, as two GEMMs or,
-    with spare rows after G, as one stacked GEMM) reproduce Kaldi's updates;
+    Ĝᵀ X̂ = Gᵀ X̂ − W_gᵀ (H_gᵀ X̂) with H-based row norms, one stacked GEMM,
+    with G extended in its layer buffer or copied) reproduce Kaldi's updates;
     "auto" picks by multiply-add count (the golden shape: formed)."""
     cfg, z = load_case(ONLINE_CASE)
     ours, kaldi = replay(cfg, z, np.float32, output_form=form, g_in_layer_buffer=stacked)
@@ -333,34 +334,37 @@ def test_online_auto_form_follows_the_cost_model():
 
 
 @pytest.mark.parametrize("nonlinearity, output_scale", [("pnorm", False), ("pnorm", True), ("relu", False)])
-def test_online_stacked_update_is_used_and_equals_two_gemms(nonlinearity, output_scale, monkeypatch):
-    """In a network every factored layer's G lies in a layer buffer with the
-    spare rows the updater reserved, so Ĝᵀ X̂ is the one stacked GEMM; the
-    steps equal the two-GEMM form (Gᵀ X̂, then − W_gᵀ (H_gᵀ X̂)) up to roundoff."""
+def test_online_stacked_update_extends_g_in_place(nonlinearity, output_scale, monkeypatch):
+    """Ĝᵀ X̂ is one GEMM over [G; W_g] and [X̂; −H_gᵀ X̂].  In a network every
+    factored layer's G lies in a layer buffer which, after the first factored
+    step, has the spare rows that step reserved; the steps are bit-identical
+    to copying G into a stacked array of its own every time."""
     extra = dict(relu_dim=30) if nonlinearity == "relu" else {}
     config = NetworkConfig(input_dim=20, num_classes=50, num_hidden_layers=2, nonlinearity=nonlinearity,
                            pnorm_input_dim=100, pnorm_output_dim=10, **extra)
     rng = np.random.default_rng(0)
     batches = [(rng.standard_normal((32, 20)).astype(np.float32), rng.integers(0, 50, 32)) for _ in range(6)]
     params, used = {}, {}
-    for stacked in (True, False):
+    for in_place in (True, False):
         net = Network(config, seed=0)
         if output_scale:
             net.set_output_scale(np.linspace(0.5, 2.0, 50).astype(np.float32))
         updater = make_updater(net, OptimizerConfig(optimizer="ng-online", rank_in=4, rank_out=8))
         updater.output_form = "factored"
         found = net.with_rows_after
-        calls = used[stacked] = []
+        calls = used[in_place] = []
         monkeypatch.setattr(net, "with_rows_after",
-                            lambda array, rows: calls.append(found(array, rows)) or calls[-1] if stacked else None)
+                            lambda array, rows: calls.append(found(array, rows)) or calls[-1] if in_place else None)
         for X, labels in batches * 2:
             net.train_gradients(X, labels)
             updater.step(0.01)
-        params[stacked] = net.params.copy()
-    # (a factored request is formed instead while kappa > KAPPA_LIMIT, on early steps)
-    assert len(used[True]) >= 12 * 3 / 2 and all(extended is not None for extended in used[True])
-    np.testing.assert_allclose(params[True], params[False], rtol=0, atol=5e-6 * np.abs(params[False]).max())
-    assert not np.array_equal(params[True], params[False])    # a different summation order
+        params[in_place] = net.params.copy()
+    # Only the first factored step (some of its layers) finds no room; a factored
+    # request is formed instead while kappa > KAPPA_LIMIT, on early steps.
+    found_room = [extended is not None for extended in used[True]]
+    first = found_room.index(True)
+    assert 1 <= first <= 3 and all(found_room[first:]) and len(found_room) - first >= 12
+    np.testing.assert_array_equal(params[True], params[False])
 
 
 @pytest.mark.parametrize("name", ["sgd", "ng-online", "ng-simple"])
