@@ -60,9 +60,9 @@ class Workspace:
         return view
 
     def reserve_rows(self, rows: int) -> None:
-        """Give every later 2-D array room for ``rows`` more rows (arrays of
-        roles already allocated with less room are reallocated on their next
-        request)."""
+        """Give every later 2-D array room for ``rows`` more rows.  When that is
+        more than before, the current arrays are dropped (arrays handed out stay
+        valid; each role is reallocated on its next request)."""
         if rows > self._spare_rows:
             self._spare_rows = rows
             self.clear()
@@ -73,9 +73,10 @@ class Workspace:
         the room; else None."""
         for role, current in self._views.items():
             if current is view:
-                needed = (view.shape[0] + rows) * view.shape[1] if view.ndim == 2 else -1
-                flat = self._flat[role]
-                return flat[:needed].reshape(view.shape[0] + rows, view.shape[1]) if 0 <= needed <= flat.size else None
+                if view.ndim != 2 or (view.shape[0] + rows) * view.shape[1] > self._flat[role].size:
+                    return None
+                shape = (view.shape[0] + rows, view.shape[1])
+                return self._flat[role][:math.prod(shape)].reshape(shape)
         return None
 
     def clear(self) -> None:
