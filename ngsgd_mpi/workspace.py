@@ -73,10 +73,11 @@ class Workspace:
         the room; else None."""
         for role, current in self._views.items():
             if current is view:
-                if view.ndim != 2 or (view.shape[0] + rows) * view.shape[1] > self._flat[role].size:
+                if view.ndim != 2:
                     return None
                 shape = (view.shape[0] + rows, view.shape[1])
-                return self._flat[role][:math.prod(shape)].reshape(shape)
+                size, flat = math.prod(shape), self._flat[role]
+                return flat[:size].reshape(shape) if size <= flat.size else None
         return None
 
     def clear(self) -> None:
